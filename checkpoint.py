@@ -1,0 +1,75 @@
+"""Checkpoint files: atomic saves, safe loads, and the model and tokenizer a checkpoint describes.
+
+A checkpoint is a dict with nanoGPT's keys (model, optimizer, model_args, iter_num, best_val_loss,
+config) plus `tokenizer`: the meta.json of the data set it was trained on, so that sampling needs
+nothing but the checkpoint.
+"""
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from data.common import Tokenizer, get_tokenizer
+from model import GPT, GPTConfig
+
+CKPT_NAME = "ckpt.pt"
+PathLike = Union[str, Path]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or inconsistent; the message says which and why."""
+
+
+def save_checkpoint(checkpoint: dict, path: PathLike) -> None:
+    """Write to a temporary file, fsync, then rename over path: a crash at any moment leaves either
+    the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    tmp_path = path.with_name(path.name + ".tmp")
+    with open(tmp_path, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> dict:
+    """Load with weights_only=True: a checkpoint cannot run code when it is opened."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py ...) or fix out_dir")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is corrupt or not a checkpoint") from e
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Drop the prefixes that torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    cleaned = {}
+    for name, tensor in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            name = name.removeprefix(prefix)
+        cleaned[name] = tensor
+    return cleaned
+
+
+def model_from_checkpoint(checkpoint: dict) -> GPT:
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    return model
+
+
+def load_model_and_tokenizer(out_dir: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model (in eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt."""
+    path = Path(out_dir) / CKPT_NAME
+    checkpoint = load_checkpoint(path, device)
+    if not checkpoint.get("tokenizer"):
+        raise CheckpointError(f"checkpoint {path} records no tokenizer (its 'tokenizer' entry is missing)")
+    model = model_from_checkpoint(checkpoint).to(device).eval()
+    return model, get_tokenizer(checkpoint["tokenizer"]), checkpoint

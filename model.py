@@ -1,0 +1,359 @@
+"""A Llama-class decoder-only transformer in one file.
+
+Token embedding -> n_layer pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head. No biases anywhere.
+
+The rotary embedding uses the "rotate half" layout of Hugging Face's Llama, so weights map one to one
+to `LlamaForCausalLM` (q/k projections included) and logits match it.
+"""
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# scaled_dot_product_attention broadcasts K/V over query groups itself from torch 2.5 on.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: the mean of squares loses too much in bf16.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for positions 0..length-1, each (length, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (length, head_dim): both halves share a frequency
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + head_dim/2]) by their position's angle. x: (B, heads, T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for generation, preallocated for max_len positions and written
+    in place by position: nothing grows while decoding."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int):
+        self.shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, n_kv_head, T, head_dim) at start_pos; return all keys and values so far."""
+        if self.k is None:  # allocated on first use, so it takes the dtype autocast gave k and v
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = start_pos + k.size(2)
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024  # trained context length; also the length of the RoPE tables
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    n_embd: int = 768
+    intermediate_size: Optional[int] = None  # SwiGLU hidden size; None derives it Llama-style
+    multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim} must be even "
+                "for rotary embeddings; change n_embd or n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.intermediate_size is None:
+            # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
+            hidden = int(2 * 4 * self.n_embd / 3)
+            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.wqkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope_cos, rope_sin, cache: Optional[KVCache] = None, start_pos: int = 0):
+        B, T, C = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, start_pos + T, head_dim)
+        grouped = self.n_kv_head != self.n_head
+        if grouped and not SDPA_HAS_GQA:  # older torch: repeat each K/V head for its group of queries
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        gqa_kwargs = {"enable_gqa": True} if grouped and SDPA_HAS_GQA else {}
+        # Causal mask for T > 1 (training, or a prefill from position 0); a single decoded token sees all keys.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1, **gqa_kwargs
+        )  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, q_size)
+        return self.resid_dropout(self.wo(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up computed by one matmul."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (B, T, intermediate_size)
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope_cos, rope_sin, cache: Optional[KVCache] = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        # Computed once; not saved in checkpoints since they follow from the config.
+        rope_cos, rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: shrink the projections that add into the residual stream, one pair per layer.
+        for block in self.layers:
+            for proj in (block.attn.wo, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count. non_embedding leaves out the input embedding table, unless it is tied to the
+        LM head (then it is a matmul weight too): the count that drives FLOPs."""
+        n_params = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.tok_embeddings.weight.numel()
+        return n_params
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
+        (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
+        With a cache, idx holds the tokens at positions start_pos.. and their keys/values are stored."""
+        B, T = idx.shape
+        if start_pos + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens is longer than block_size {self.config.block_size}"
+            )
+        if cache is not None and T > 1 and start_pos != 0:
+            raise ValueError("with a KV cache, several tokens at once must be a prefill from position 0")
+        x = self.tok_embeddings(idx)  # (B, T, n_embd)
+        rope_cos = self.rope_cos[start_pos : start_pos + T]  # (T, head_dim)
+        rope_sin = self.rope_sin[start_pos : start_pos + T]
+        for block in self.layers:
+            x = block(x, rope_cos, rope_sin, cache, start_pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab): all that sampling needs
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # The fused CUDA kernel does the whole update in a few launches instead of several per tensor.
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over seq_len positions."""
+        T = seq_len or self.config.block_size
+        cfg = self.config
+        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * self.get_num_params(non_embedding=True) + attention
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: Optional[float] = None) -> Optional[float]:
+        """Model FLOPs utilisation of one iteration of fwdbwd_per_iter sequences taking dt seconds, as a
+        fraction of peak_flops (default: the known bf16 peak of the device we are on; None if unknown)."""
+        if peak_flops is None:
+            peak_flops = device_peak_flops(self.lm_head.weight.device)
+        if peak_flops is None:
+            return None
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.inference_mode()
+    def generate_tokens(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens new tokens (B, 1), one per step, continuing the prompts idx (B, T).
+
+        The prompt is prefilled into a KV cache once; then each step feeds only the newest token.
+        Context never exceeds block_size: a longer prompt keeps its last block_size tokens, and when
+        the cache is full the window slides by re-prefilling the most recent block_size // 2 tokens,
+        so every token is predicted from between block_size // 2 and block_size tokens of context.
+        """
+        B = idx.size(0)
+        block_size = self.config.block_size
+        cfg = self.config
+        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, block_size, cfg.head_dim)
+        window = torch.empty(B, block_size, dtype=torch.long, device=idx.device)  # tokens in the cache
+        pos = min(idx.size(1), block_size)
+        window[:, :pos] = idx[:, -pos:]
+        logits, _ = self(window[:, :pos], cache=cache, start_pos=0)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+            yield next_token
+            if step == max_new_tokens - 1:
+                break
+            if pos == block_size:  # cache full: restart it from the most recent tokens
+                keep = max(1, block_size // 2)
+                window[:, : keep - 1] = window[:, pos - keep + 1 : pos].clone()
+                window[:, keep - 1] = next_token[:, 0]
+                logits, _ = self(window[:, :keep], cache=cache, start_pos=0)
+                pos = keep
+            else:
+                window[:, pos] = next_token[:, 0]
+                logits, _ = self(next_token, cache=cache, start_pos=pos)
+                pos += 1
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+    ) -> torch.Tensor:
+        """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+        temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
+        new_tokens = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Set to -inf every logit (B, vocab) outside the top_k, and outside the nucleus: the smallest set
+    of most likely tokens whose probabilities sum to at least top_p."""
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = mass_before >= top_p  # those before it already reach top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> torch.Tensor:
+    """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against the device name.
+GPU_BF16_PEAK_FLOPS = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM; after "H100 PCIe" so the PCIe card matches its own entry first
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    """The known bf16 peak of a CUDA device, or None (CPU, MPS, an unlisted GPU): no invented number."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
