@@ -1,0 +1,265 @@
+"""model.py against transformers' Llama, and the invariants generation relies on."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig, filter_logits, sample_next_token
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    args = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    args.update(overrides)
+    return GPTConfig(**args)
+
+
+def random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():  # norm gains of one would hide a mix-up between norms
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
+    cfg = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    q_size, kv_size = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.tok_embeddings.weight)
+        hf.lm_head.weight.copy_(model.lm_head.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        for ours, theirs in zip(model.layers, hf.model.layers):
+            q, k, v = ours.attn.wqkv.weight.split([q_size, kv_size, kv_size])
+            gate, up = ours.mlp.gate_up.weight.chunk(2)
+            for dst, src in [
+                (theirs.self_attn.q_proj, q), (theirs.self_attn.k_proj, k), (theirs.self_attn.v_proj, v),
+                (theirs.self_attn.o_proj, ours.attn.wo.weight), (theirs.mlp.gate_proj, gate),
+                (theirs.mlp.up_proj, up), (theirs.mlp.down_proj, ours.mlp.down.weight),
+                (theirs.input_layernorm, ours.attn_norm.weight),
+                (theirs.post_attention_layernorm, ours.mlp_norm.weight),
+            ]:
+                dst.weight.copy_(src)
+    return hf
+
+
+def all_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Logits at every position (B, T, vocab): passing targets makes forward return them all."""
+    logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_logits_match_transformers_llama(n_kv_head, tie_embeddings):
+    config = tiny_config(n_kv_head=n_kv_head, tie_embeddings=tie_embeddings, rope_theta=500.0, norm_eps=1e-6)
+    model = random_model(config, seed=n_kv_head)
+    hf = to_llama(model)
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    with torch.no_grad():
+        ours = all_logits(model, idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_logits_match_transformers_with_explicit_mlp_size_and_mqa():
+    config = tiny_config(n_layer=3, n_head=6, n_kv_head=1, n_embd=48, intermediate_size=80)
+    model = random_model(config, seed=7)
+    idx = torch.randint(0, config.vocab_size, (3, 20))
+    with torch.no_grad():
+        assert (all_logits(model, idx) - to_llama(model)(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_cached_decode_matches_full_forward(batch_size):
+    from model import KVCache
+
+    config = tiny_config()
+    model = random_model(config)
+    idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
+    prompt_len = 5
+    with torch.no_grad():
+        full = all_logits(model, idx)
+        cache = KVCache(config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        logits, _ = model(idx[:, :prompt_len], cache=cache, start_pos=0)
+        assert (logits[:, -1] - full[:, prompt_len - 1]).abs().max().item() < 1e-5
+        for pos in range(prompt_len, config.block_size):
+            logits, _ = model(idx[:, pos : pos + 1], cache=cache, start_pos=pos)
+            assert (logits[:, -1] - full[:, pos]).abs().max().item() < 1e-5
+
+
+def greedy_by_full_forwards(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    for _ in range(max_new_tokens):
+        next_token = all_logits(model, idx)[:, -1].argmax(dim=-1, keepdim=True)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size):
+    config = tiny_config()
+    model = random_model(config, seed=1)
+    prompt = torch.randint(0, config.vocab_size, (batch_size, 6))
+    with torch.no_grad():
+        expected = greedy_by_full_forwards(model, prompt, config.block_size - 6)
+    assert torch.equal(model.generate(prompt, config.block_size - 6, temperature=0), expected)
+
+
+def test_generate_past_block_size_slides_the_window():
+    config = tiny_config(block_size=8)
+    model = random_model(config, seed=2)
+    prompt = torch.randint(0, config.vocab_size, (2, 12))  # longer than the context: last 8 tokens kept
+    out = model.generate(prompt, 30, temperature=0)
+    assert out.shape == (2, 42) and torch.equal(out[:, :12], prompt)
+    # After a slide the model sees the last block_size // 2 tokens again; the first new token saw the last 8.
+    with torch.no_grad():
+        first = all_logits(model, prompt[:, -8:])[:, -1].argmax(dim=-1)
+    assert torch.equal(out[:, 12], first)
+
+
+def test_changing_a_token_never_changes_earlier_logits():
+    config = tiny_config()
+    model = random_model(config, seed=3)
+    idx = torch.randint(0, config.vocab_size, (1, config.block_size))
+    with torch.no_grad():
+        before = all_logits(model, idx)
+        for t in (0, 7, config.block_size - 1):
+            changed = idx.clone()
+            changed[0, t] = (changed[0, t] + 1) % config.vocab_size
+            after = all_logits(model, changed)
+            assert torch.equal(after[:, :t], before[:, :t])
+            assert not torch.allclose(after[:, t], before[:, t])
+
+
+def test_top_k_one_equals_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    for _ in range(5):
+        assert torch.equal(sample_next_token(logits, temperature=1.3, top_k=1), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1, keepdim=True))
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.25, 0.2]])
+    logits = probs.log()
+    kept = lambda p: (filter_logits(logits, top_p=p) > float("-inf"))[0].nonzero().flatten().tolist()
+    assert kept(0.39) == [1]  # the top token alone reaches it
+    assert kept(0.41) == [1, 3]  # 0.4 + 0.25
+    assert kept(0.64) == [1, 3]
+    assert kept(0.66) == [1, 3, 4]  # 0.4 + 0.25 + 0.2
+    assert kept(0.96) == [0, 1, 2, 3, 4]
+    assert kept(1.0) == [0, 1, 2, 3, 4]
+    # Sampling never leaves the nucleus, and reaches all of it.
+    torch.manual_seed(0)
+    samples = sample_next_token(logits.expand(200, -1), top_p=0.5)
+    assert set(samples.flatten().tolist()) == {1, 3}
+
+
+def test_fixed_seed_gives_the_same_sample():
+    config = tiny_config()
+    model = random_model(config, seed=4)
+    prompt = torch.randint(0, config.vocab_size, (2, 4))
+    runs = []
+    for seed in (123, 123, 124):
+        torch.manual_seed(seed)
+        runs.append(model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.9))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_kv_head=1, block_size=16)
+    model = GPT(config)
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, config.vocab_size, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    for step in range(300):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+
+def test_targets_of_minus_one_are_ignored():
+    config = tiny_config()
+    model = random_model(config)
+    x = torch.randint(0, config.vocab_size, (2, 10))
+    y = torch.randint(0, config.vocab_size, (2, 10))
+    y_masked = y.clone()
+    y_masked[:, 5:] = -1
+    _, loss_masked = model(x, y_masked)
+    logits, _ = model(x, y)
+    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, config.vocab_size), y[:, :5].reshape(-1))
+    assert torch.allclose(loss_masked, expected)
+
+
+def test_bf16_autocast_on_cpu_runs():
+    config = tiny_config()
+    model = random_model(config)
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+        generated = model.generate(x[:, :4], 5, temperature=0)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert generated.shape == (2, 9)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (dict(n_embd=30, n_head=4), ["n_embd", "30", "n_head", "4"]),
+        (dict(n_head=4, n_kv_head=3), ["n_head", "4", "n_kv_head", "3"]),
+        (dict(n_embd=36, n_head=4, n_kv_head=4), ["n_embd", "n_head", "9", "even"]),
+        (dict(n_layer=0), ["n_layer", "0"]),
+        (dict(dropout=1.0), ["dropout"]),
+    ],
+)
+def test_bad_config_raises_value_error_naming_fields(overrides, names):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_mlp_size_is_derived_llama_style():
+    assert GPTConfig(n_embd=768, n_head=12).intermediate_size == 2048
+    assert GPTConfig(n_embd=4096, n_head=32, multiple_of=256).intermediate_size == 11008  # Llama 7B
+    assert GPTConfig(n_embd=64, n_head=4, intermediate_size=100).intermediate_size == 100
+
+
+def test_weight_decay_only_on_matrices_and_init_scales_residual_projections():
+    config = tiny_config(n_layer=8, n_embd=128)
+    model = GPT(config)
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert abs(model.layers[0].attn.wqkv.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8)
+
+
+def test_mfu_needs_a_known_peak():
+    model = GPT(tiny_config())
+    assert model.estimate_mfu(fwdbwd_per_iter=8, dt=0.1) is None  # CPU: no invented peak
+    mfu = model.estimate_mfu(fwdbwd_per_iter=8, dt=0.1, peak_flops=1e12)
+    expected = model.flops_per_token() * model.config.block_size * 8 / 0.1 / 1e12
+    assert mfu == pytest.approx(expected)
+
+
+def test_num_params_counts_a_tied_weight_once():
+    tied, untied = GPT(tiny_config()), GPT(tiny_config(tie_embeddings=False))
+    embedding = 97 * 32
+    assert untied.get_num_params() == tied.get_num_params() + embedding
+    assert untied.get_num_params(non_embedding=True) == tied.get_num_params(non_embedding=True)
