@@ -113,13 +113,49 @@ def load_tiktoken(name: str) -> tiktoken.Encoding:
             "once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files") from e
 
 
+class HFTokenizer(Tokenizer):
+    """The Hugging Face tokenizer of a model directory (checkpoints made by convert.py import).
+    transformers is an optional dependency, imported only here."""
+
+    def __init__(self, path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise DataError(f"this checkpoint uses the Hugging Face tokenizer in {path}: "
+                            "pip install transformers") from e
+        if not Path(path).is_dir():
+            raise DataError(f"the Hugging Face tokenizer folder {path} named in the checkpoint does not exist")
+        try:  # local_files_only: nothing here may turn into a download attempt
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot load a Hugging Face tokenizer from {path} ({type(e).__name__}: {e}); put the "
+                            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) there") from e
+        self.vocab_size = len(self.tok)
+        self.eot_token = self.tok.eos_token_id
+        self._anchor = self.tok.encode("a", add_special_tokens=False)[-1:]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)  # with the model's own special tokens (Llama: a leading BOS)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        # Decoded after an anchor token, which is then cut off: decoded alone, a SentencePiece token loses
+        # its leading space. A character split across tokens still streams as U+FFFD: decode has no state.
+        anchor = self.tok.decode(self._anchor)
+        return self.tok.decode(self._anchor + list(ids))[len(anchor):].encode("utf-8")
+
+
 def get_tokenizer(meta: dict) -> Tokenizer:
     kind = meta.get("tokenizer")
     if kind == "char":
         return CharTokenizer(meta["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(meta["encoding"])
-    raise ValueError(f"unknown tokenizer {kind!r} in meta.json: expected 'char' or 'tiktoken'")
+    if kind == "hf":
+        return HFTokenizer(meta["path"])
+    raise ValueError(f"unknown tokenizer {kind!r} in meta.json: expected 'char', 'tiktoken' or 'hf'")
 
 
 # --- meta.json and token files ----------------------------------------------------------------
