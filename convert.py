@@ -67,7 +67,9 @@ def to_hf(state_dict: dict, config: GPTConfig, dtype: torch.dtype) -> dict[str, 
 
 
 def from_hf(tensors: dict, config: GPTConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    state_dict = {ours: torch.cat([tensors[name] for name, _ in parts]).to(dtype) for ours, parts in weight_layout(config)}
+    state_dict = {
+        ours: torch.cat([tensors[name] for name, _ in parts]).to(dtype) for ours, parts in weight_layout(config)
+    }
     if config.tie_embeddings:
         state_dict["lm_head.weight"] = state_dict["tok_embeddings.weight"]
     return state_dict
@@ -169,7 +171,8 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
     try:
         hf = json.loads((hf_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(f"cannot read {hf_dir / 'config.json'} ({e}); HF_DIR must be a Hugging Face model directory") from e
+        raise ConvertError(f"cannot read {hf_dir / 'config.json'} ({e}); "
+                           "HF_DIR must be a Hugging Face model directory") from e
     config = gpt_config_from_hf(hf)
     tensors = read_safetensors(hf_dir)
     check_tensors(tensors, config)
@@ -181,7 +184,8 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
     }
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, ckpt_path)
-    print(f"imported {hf_dir} -> {ckpt_path} ({config.n_layer} layers, n_embd {config.n_embd}, tokenizer {tokenizer['tokenizer']})")
+    print(f"imported {hf_dir} -> {ckpt_path} ({config.n_layer} layers, n_embd {config.n_embd}, "
+          f"tokenizer {tokenizer['tokenizer']})")
     return ckpt_path
 
 

@@ -13,7 +13,9 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import convert  # noqa: E402  (after the skips: convert.py imports safetensors)
-from checkpoint import CKPT_NAME, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import (  # noqa: E402
+    CKPT_NAME, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint, save_checkpoint,
+)
 from model import GPT, GPTConfig  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,9 @@ def save_hf_llama(path: Path, n_kv_head: int = 2, tie: bool = False, dtype: torc
 
 def load_hf(path: Path) -> "transformers.LlamaForCausalLM":
     """The HF model in float32, asserting that every weight was found and used."""
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, torch_dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -100,7 +104,8 @@ def test_imported_model_logits_match_transformers(tmp_path, n_kv_head, tie, dtyp
     convert.import_hf(hf_dir, tmp_path / "out")
     checkpoint = load_checkpoint(tmp_path / "out" / CKPT_NAME)
     args = checkpoint["model_args"]
-    assert (args["n_kv_head"], args["tie_embeddings"], args["rope_theta"], args["norm_eps"]) == (n_kv_head, tie, 5000.0, 1e-5)
+    mapped = [args[key] for key in ("n_kv_head", "tie_embeddings", "rope_theta", "norm_eps", "intermediate_size")]
+    assert mapped == [n_kv_head, tie, 5000.0, 1e-5, 80]
     assert checkpoint["tokenizer"] == {"tokenizer": "hf", "path": str(hf_dir.resolve()), "vocab_size": VOCAB}
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())
     ours = model_from_checkpoint(checkpoint).eval()
@@ -113,7 +118,8 @@ def test_imported_model_logits_match_transformers(tmp_path, n_kv_head, tie, dtyp
 def test_import_then_export_reproduces_hf_tensors_exactly(tmp_path, tie, dtype, sharded):
     hf_dir = save_hf_llama(tmp_path / "hf", tie=tie, dtype=dtype, sharded=sharded)
     convert.main(["import", str(hf_dir), str(tmp_path / "out")])
-    convert.main(["export", str(tmp_path / "out"), str(tmp_path / "back"), "--dtype", str(dtype).removeprefix("torch.")])
+    dtype_name = str(dtype).removeprefix("torch.")
+    convert.main(["export", str(tmp_path / "out"), str(tmp_path / "back"), "--dtype", dtype_name])
     original, back = hf_tensors(hf_dir), hf_tensors(tmp_path / "back")
     assert original.keys() == back.keys()
     for name, tensor in original.items():
@@ -150,7 +156,8 @@ def test_gpt2_bpe_export_notes_tokenizer_and_end_of_text_id(tmp_path):
     train_and_save(tmp_path / "run", tie=True, tokenizer=meta, vocab_size=50304, steps=0)
     convert.export_hf(tmp_path / "run", tmp_path / "hf")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config[convert.TOKENIZER_KEY]) == (50256, 50256, meta)
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (50256, 50256)
+    assert hf_config[convert.TOKENIZER_KEY] == meta
     convert.import_hf(tmp_path / "hf", tmp_path / "imported")
     assert load_checkpoint(tmp_path / "imported" / CKPT_NAME)["tokenizer"] == meta
 
@@ -206,3 +213,21 @@ def test_import_does_not_overwrite_a_checkpoint_without_force(tmp_path):
     with pytest.raises(convert.ConvertError, match="already exists"):
         convert.import_hf(hf_dir, tmp_path / "out")
     convert.import_hf(hf_dir, tmp_path / "out", force=True)
+
+
+def test_imported_model_samples_through_the_hf_tokenizer_beside_it(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = tokenizers.pre_tokenizers.Metaspace(), tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "</s>"])
+    backend.train_from_iterator([text], trainer)
+    hf_dir = save_hf_llama(tmp_path / "hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(hf_dir)
+    convert.import_hf(hf_dir, tmp_path / "out")
+    model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "out")
+    assert tokenizer.eot_token == 1 and tokenizer.decode(tokenizer.encode(text)) == text
+    ids = tokenizer.encode("To be")
+    continuation = model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
+    streamed = b"".join(tokenizer.decode_bytes([i]) for i in continuation).decode()  # as sample.py streams
+    assert streamed.strip() == tokenizer.decode(continuation).strip()
