@@ -1,0 +1,231 @@
+"""sample.py against tiny checkpoints built here: a random character-level model, and a GPT-2 BPE model
+set by hand to repeat a text whose BPE tokens split multi-byte characters."""
+import dataclasses
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
+from conftest import REPO_ROOT
+from data.common import get_tokenizer
+from model import GPT, GPTConfig
+
+BPE_META = {"tokenizer": "tiktoken", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
+MULTIBYTE = "héllo — ✓ 日本 "  # " 日本" is five GPT-2 tokens, none of them whole characters
+BLOCK_SIZE = 32
+SAMPLE_SEPARATOR = "\n" + sample.SEPARATOR + "\n"
+
+
+def save_tiny_checkpoint(out_dir: Path, model: GPT, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                  "tokenizer": meta, "iter_num": 0, "config": {}}
+    save_checkpoint(checkpoint, out_dir / CKPT_NAME)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def char_dir(tmp_path_factory, shakespeare_input) -> Path:
+    chars = sorted(set(shakespeare_input.read_text(encoding="utf-8")))
+    meta = {"tokenizer": "char", "chars": chars, "vocab_size": len(chars)}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(chars), block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32))
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("char"), model, meta)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> Path:
+    """GPT-2 vocabulary; weights set by hand to a bigram model that repeats MULTIBYTE's tokens forever."""
+    cycle = get_tokenizer(BPE_META).encode(MULTIBYTE)  # 11 distinct tokens
+    model = GPT(GPTConfig(vocab_size=50257, block_size=BLOCK_SIZE, n_layer=1, n_head=2, n_embd=16,
+                          tie_embeddings=False))
+    basis = torch.eye(16)
+    with torch.no_grad():
+        for block in model.layers:  # silenced, so the last hidden state is the current token's embedding
+            block.attn.wo.weight.zero_()
+            block.mlp.down.weight.zero_()
+        for i, (token, next_token) in enumerate(zip(cycle, cycle[1:] + cycle[:1])):
+            model.tok_embeddings.weight[token] = basis[i]
+            model.lm_head.weight[next_token] = 10 * basis[i]
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("bpe"), model, BPE_META)
+
+
+def run_sample(capsys, out_dir: Path, *flags: str) -> tuple[str, str]:
+    sample.main([f"--out_dir={out_dir}", *flags])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def model_continuations(out_dir: Path, prompt_ids: list[int], n: int, rows: int = 1, seed: int = 0,
+                        **sampling) -> list[str]:
+    """What the model itself generates after prompt_ids, decoded, for a batch of rows copies of the prompt."""
+    model, tokenizer, _ = load_model_and_tokenizer(out_dir)
+    idx = torch.tensor([prompt_ids] * rows)
+    torch.manual_seed(seed)
+    generated = model.generate(idx, n, **sampling)[:, len(prompt_ids):]
+    return [tokenizer.decode(row) for row in generated.tolist()]
+
+
+def encode(out_dir: Path, text: str) -> list[int]:
+    return load_model_and_tokenizer(out_dir)[1].encode(text)
+
+
+def test_greedy_output_is_deterministic_and_equals_model_greedy_decoding(capsys, char_dir):
+    flags = ("--start=ROMEO:", "--temperature=0", "--max_new_tokens=50")  # 50 > BLOCK_SIZE: the window slides
+    first, err = run_sample(capsys, char_dir, *flags)
+    second, _ = run_sample(capsys, char_dir, *flags)
+    [expected] = model_continuations(char_dir, encode(char_dir, "ROMEO:"), 50, temperature=0)
+    assert first == second == "ROMEO:" + expected + "\n"
+    assert "50 tokens" in err and "tokens/s" in err and "time to first token" in err
+
+
+def test_fixed_seed_reproduces_sampled_output_and_another_seed_differs(capsys, char_dir):
+    flags = ("--start=ROMEO:", "--temperature=1.0", "--top_k=None", "--max_new_tokens=40")
+    first, _ = run_sample(capsys, char_dir, *flags, "--seed=1")
+    again, _ = run_sample(capsys, char_dir, *flags, "--seed=1")
+    other, _ = run_sample(capsys, char_dir, *flags, "--seed=2")
+    assert first == again
+    assert first != other
+
+
+def test_num_samples_are_one_batch_printed_between_dashes(capsys, char_dir):
+    out, err = run_sample(capsys, char_dir, "--start=ROMEO:", "--num_samples=3", "--temperature=1.0",
+                          "--top_p=0.9", "--max_new_tokens=20", "--seed=5")
+    prompt_ids = encode(char_dir, "ROMEO:")
+    rows = model_continuations(char_dir, prompt_ids, 20, rows=3, seed=5, temperature=1.0, top_p=0.9)
+    assert out == SAMPLE_SEPARATOR.join("ROMEO:" + row for row in rows) + "\n"
+    assert "60 tokens (3 x 20)" in err
+
+
+def test_first_sample_is_flushed_token_by_token(monkeypatch, char_dir):
+    class FlushRecorder(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+
+    stdout = FlushRecorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    sample.main([f"--out_dir={char_dir}", "--start=ROMEO:", "--max_new_tokens=30"])
+    assert stdout.flushes >= 30
+
+
+def test_bfloat16_autocast_generates_on_cpu(capsys, char_dir):
+    out, err = run_sample(capsys, char_dir, "--start=ROMEO:", "--dtype=bfloat16", "--max_new_tokens=20")
+    assert out.startswith("ROMEO:") and "20 tokens (1 x 20)" in err
+
+
+def test_file_prompt_reads_the_prompt_from_the_file(capsys, char_dir, tmp_path):
+    prompt = "First Citizen:\nBefore we proceed"
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    from_file, _ = run_sample(capsys, char_dir, f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=20")
+    inline, _ = run_sample(capsys, char_dir, f"--start={prompt}", "--max_new_tokens=20")
+    assert from_file == inline
+    assert from_file.startswith(prompt)
+
+
+def test_prompt_longer_than_block_size_continues_from_its_last_tokens(capsys, char_dir):
+    prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    out, err = run_sample(capsys, char_dir, f"--start={prompt}", "--temperature=0", "--max_new_tokens=10")
+    [expected] = model_continuations(char_dir, encode(char_dir, prompt)[-BLOCK_SIZE:], 10, temperature=0)
+    assert out == prompt + expected + "\n"
+    assert f"longer than the model's context of {BLOCK_SIZE}" in err
+
+
+def test_empty_prompt_starts_from_newline_for_char_level(capsys, char_dir):
+    out, _ = run_sample(capsys, char_dir, "--temperature=0", "--max_new_tokens=10")
+    assert out == model_continuations(char_dir, encode(char_dir, "\n"), 10, temperature=0)[0] + "\n"
+
+
+def test_empty_prompt_starts_from_end_of_text_for_bpe(capsys, bpe_dir):
+    out, _ = run_sample(capsys, bpe_dir, "--temperature=0", "--max_new_tokens=10")
+    assert out == model_continuations(bpe_dir, [50256], 10, temperature=0)[0] + "\n"
+
+
+def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
+    tokenizer = get_tokenizer(BPE_META)
+    model, _, _ = load_model_and_tokenizer(bpe_dir)
+    prompt_ids = tokenizer.encode(MULTIBYTE)
+    new_ids = model.generate(torch.tensor([prompt_ids]), 22, temperature=0)[0, len(prompt_ids):].tolist()
+
+    def is_whole_text(ids: list[int]) -> bool:
+        try:
+            tokenizer.decode_bytes(ids).decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(is_whole_text([i]) for i in new_ids), "the test needs tokens that split a character"
+    assert is_whole_text(new_ids)
+    result = subprocess.run(
+        [sys.executable, "sample.py", f"--out_dir={bpe_dir}", f"--start={MULTIBYTE}", "--temperature=0",
+         "--max_new_tokens=22"], cwd=REPO_ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("utf-8") == MULTIBYTE + tokenizer.decode(new_ids) + "\n"  # strict: no broken bytes
+
+
+def write_file(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case, expected_message, expected_status", [
+    ("missing checkpoint", "no checkpoint at", 1),
+    ("corrupt checkpoint", "corrupt", 1),
+    ("checkpoint without tokenizer", "records no tokenizer", 1),
+    ("characters outside the vocabulary", "'日' '本'", 1),
+    ("missing prompt file", "cannot read the prompt file", 1),
+    ("empty prompt, no newline in the vocabulary", "an empty prompt starts from a newline", 1),
+    ("negative temperature", "temperature must be 0 (greedy) or more", 2),
+    ("unknown device", "unknown device", 2),
+    ("unknown key", "unknown config key 'temprature'", 2),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message(capsys, char_dir, tmp_path, case, expected_message,
+                                                      expected_status):
+    no_newline_meta = {"tokenizer": "char", "chars": ["a", "b", " "], "vocab_size": 3}
+    tiny = GPTConfig(vocab_size=3, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    out_dir = {  # built only for its own case
+        "missing checkpoint": lambda: tmp_path / "nothing",
+        "corrupt checkpoint": lambda: write_file(tmp_path / CKPT_NAME, b"not a checkpoint").parent,
+        "checkpoint without tokenizer": lambda: save_tiny_checkpoint(tmp_path, GPT(tiny), {}),
+        "empty prompt, no newline in the vocabulary":
+            lambda: save_tiny_checkpoint(tmp_path, GPT(tiny), no_newline_meta),
+    }.get(case, lambda: char_dir)()
+    flags = {
+        "characters outside the vocabulary": ["--start=日本 ROMEO"],
+        "missing prompt file": [f"--start=FILE:{tmp_path / 'absent.txt'}"],
+        "negative temperature": ["--temperature=-1"],
+        "unknown device": ["--device=tpu9"],
+        "unknown key": ["--temprature=0"],
+    }.get(case, [])
+    argv = [f"--out_dir={out_dir}", *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert exit_info.value.code == expected_status
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected_message in err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    write_file(tmp_path / CKPT_NAME, b"\x00truncated")
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot read checkpoint")
+
+
+def test_help_documents_the_defined_behaviours(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for documented in ("end-of-text token", "FILE:path", "last block_size", "outside a character-level vocabulary",
+                       "missing, corrupt", "separated by a line", "one batch", "--top_p=None"):
+        assert documented in help_text
