@@ -25,8 +25,9 @@ generated, the others are printed when the batch is done. A one-line summary (to
 tokens/s, time to first token) goes to stderr, so stdout holds only text.
 
 Prompts (start):
-  ""          start from the end-of-text token (BPE) or a newline (character-level models); an error
-              if a character-level vocabulary has no newline
+  ""          start from the end-of-text token (GPT-2 BPE), the tokenizer's own start token (imported
+              Hugging Face models: BOS) or a newline (character-level models; an error if the
+              vocabulary has no newline)
   FILE:path   read the prompt from a UTF-8 file; an error if it cannot be read
   longer than the model's context (block_size tokens): the model sees only the last block_size
               tokens, and a note says so on stderr
@@ -104,11 +105,12 @@ def read_prompt(start: str) -> str:
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
-    if text:
-        try:
-            return tokenizer.encode(text)
-        except ValueError as e:  # a character-level vocabulary lacks some of the prompt's characters
-            fail(f"the prompt has {e}; a character-level model can read no others")
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:  # a character-level vocabulary lacks some of the prompt's characters
+        fail(f"the prompt has {e}; a character-level model can read no others")
+    if ids:  # even for "", a tokenizer may add its own start token (Hugging Face Llama: BOS)
+        return ids
     if tokenizer.eot_token is not None:  # start where a document starts
         return [tokenizer.eot_token]
     try:

@@ -12,7 +12,7 @@ import torch
 import sample
 from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
 from conftest import REPO_ROOT
-from data.common import get_tokenizer
+from data.common import Tokenizer, get_tokenizer
 from model import GPT, GPTConfig
 
 BPE_META = {"tokenizer": "tiktoken", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
@@ -145,6 +145,16 @@ def test_empty_prompt_starts_from_newline_for_char_level(capsys, char_dir):
 def test_empty_prompt_starts_from_end_of_text_for_bpe(capsys, bpe_dir):
     out, _ = run_sample(capsys, bpe_dir, "--temperature=0", "--max_new_tokens=10")
     assert out == model_continuations(bpe_dir, [50256], 10, temperature=0)[0] + "\n"
+
+
+def test_empty_prompt_keeps_a_start_token_the_tokenizer_adds():
+    class AddsBos(Tokenizer):  # like an imported Hugging Face Llama tokenizer: "" encodes to [BOS]
+        eot_token = 2
+
+        def encode(self, text: str) -> list[int]:
+            return [1] + [ord(ch) for ch in text]
+
+    assert sample.encode_prompt("", AddsBos()) == [1]
 
 
 def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
