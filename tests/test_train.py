@@ -1,0 +1,317 @@
+"""train.py on the CPU with tiny models: end to end, exact resume, faults, DDP, config and bad input.
+
+Most runs call train.main in this process (no interpreter start-up per run); the signal, DDP and
+end-to-end tests start real processes. Tiny models gain nothing from threads and a shared CPU makes
+thread pools spin, so everything runs single-threaded.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import parse_config
+from data.common import get_tokenizer
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = (
+    "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+    "--gradient_accumulation_steps=2", "--eval_iters=2", "--eval_interval=1000", "--log_interval=1",
+    "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_full=False", "--seed=7",
+)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_data(shakespeare_input, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    subprocess.run(
+        [sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), "--input", str(shakespeare_input), "--out_dir", str(out)],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+def run_train(out_dir: Path, data_dir: Path, *flags: str) -> int:
+    """train.py's CLI in this process, tiny settings first so that flags override them; the exit code."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={out_dir}", f"--data_dir={data_dir}", *TINY, *flags])
+    return exit_info.value.code
+
+
+def train_cmd(out_dir: Path, data_dir: Path, *flags: str) -> list[str]:
+    return [str(REPO / "train.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}", *TINY, *flags]
+
+
+def metric(out_dir: Path, key: str) -> dict[int, float]:
+    """{iter: value} of every metrics.jsonl line that has key."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["iter"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+@pytest.mark.slow
+def test_training_end_to_end_lowers_loss_and_writes_a_sampleable_checkpoint(char_data, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, *train_cmd(out, char_data, "--max_iters=60", "--eval_interval=30", "--log_interval=10",
+                                    "--learning_rate=1e-2", "--eval_full=True", "--batch_size=16")],
+        capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "full val loss" in result.stdout
+    val = metric(out, "val_loss")
+    assert sorted(val) == [0, 30, 60]
+    assert val[60] < val[0] - 1.0  # from ~ln(65) = 4.17 to well below
+    assert metric(out, "loss")[60] < metric(out, "loss")[10]
+    assert set(metric(out, "val_loss_full")) == {60}
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 60
+
+    checkpoint = load_checkpoint(out / CKPT_NAME)
+    assert checkpoint["iter_num"] == 60 and checkpoint["config"]["n_layer"] == 2
+    model = model_from_checkpoint(checkpoint).eval()
+    tokenizer = get_tokenizer(checkpoint["tokenizer"])
+    prompt = torch.tensor([tokenizer.encode("ROMEO:")])
+    text = tokenizer.decode(model.generate(prompt, max_new_tokens=20)[0].tolist())
+    assert text.startswith("ROMEO:") and len(text) == 26
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(char_data, tmp_path, dropout):
+    common = ("--eval_interval=4", "--always_save_checkpoint=True", "--lr_decay_iters=8", f"--dropout={dropout}")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(straight, char_data, "--max_iters=8", *common) == 0
+    assert run_train(split, char_data, "--max_iters=4", *common) == 0
+    assert run_train(split, char_data, "--max_iters=8", "--init_from=resume", *common) == 0
+
+    assert list(metric(split, "loss").items()) == list(metric(straight, "loss").items())
+    a, b = load_checkpoint(straight / CKPT_NAME), load_checkpoint(split / CKPT_NAME)
+    assert a["iter_num"] == b["iter_num"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(char_data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, *train_cmd(out, char_data, "--max_iters=100000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=SUBPROCESS_ENV)
+    for line in proc.stdout:
+        if line.startswith("iter 1: loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    stopped_at = load_checkpoint(out / CKPT_NAME)["iter_num"]
+    assert 1 <= stopped_at < 100
+
+    assert run_train(out, char_data, f"--max_iters={stopped_at + 3}", "--init_from=resume") == 0
+    assert load_checkpoint(out / CKPT_NAME)["iter_num"] == stopped_at + 3  # the final eval improved, so it saved
+    assert max(metric(out, "loss")) == stopped_at + 3
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(char_data, tmp_path, monkeypatch):
+    real_save = torch.save
+    saves = []
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")  # the process dies mid-write
+        raise OSError("simulated crash inside torch.save")
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="simulated crash"):
+        train.main([f"--out_dir={out}", f"--data_dir={char_data}", *TINY, "--max_iters=4", "--eval_interval=2",
+                    "--always_save_checkpoint=True"])
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(out / CKPT_NAME)
+    assert checkpoint["iter_num"] == 2
+    model_from_checkpoint(checkpoint)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process(char_data, tmp_path):
+    """Same global batches and dropout masks: only the order of float sums differs, so losses agree
+    to 1e-5 relative (not bitwise)."""
+    flags = ("--max_iters=6", "--gradient_accumulation_steps=4", "--dropout=0.1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *train_cmd(tmp_path / "ddp", char_data, *flags)],
+        capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert run_train(tmp_path / "single", char_data, *flags) == 0
+    ddp_loss, single_loss = metric(tmp_path / "ddp", "loss"), metric(tmp_path / "single", "loss")
+    assert sorted(ddp_loss) == sorted(single_loss) == [1, 2, 3, 4, 5, 6]
+    for it, loss in single_loss.items():
+        assert ddp_loss[it] == pytest.approx(loss, rel=1e-5), it
+
+
+def test_gradient_accumulation_must_divide_among_processes(char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "world", lambda: (0, 3))
+    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 1
+    assert "must be a multiple of 3" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_train(out, char_data, "--max_iters=2", "--always_save_checkpoint=True") == 0
+    good = (out / CKPT_NAME).read_bytes()
+    assert run_train(out, char_data, "--max_iters=6", "--init_from=resume", "--learning_rate=1e30") == 1
+    assert "training diverged" in capsys.readouterr().err
+    assert (out / CKPT_NAME).read_bytes() == good
+
+
+def test_init_from_a_converted_checkpoint_starts_a_new_run_with_its_shape(char_data, tmp_path, capsys):
+    source = tmp_path / "converted"
+    source.mkdir()
+    shape = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
+    save_checkpoint({"model": GPT(shape).state_dict(), "model_args": vars(shape), "iter_num": 0, "config": {},
+                     "tokenizer": {"tokenizer": "char"}}, source / CKPT_NAME)
+    out = tmp_path / "out"
+    assert run_train(out, char_data, f"--init_from={source}", "--max_iters=2", "--always_save_checkpoint=True") == 0
+    assert "model shape from" in capsys.readouterr().out
+    checkpoint = load_checkpoint(out / CKPT_NAME)
+    assert checkpoint["model_args"] == vars(shape)
+    assert checkpoint["config"]["block_size"] == 16 and checkpoint["iter_num"] == 2
+    assert checkpoint["tokenizer"]["vocab_size"] == 65  # the data set's tokenizer, not the source's
+
+
+def test_eval_only_reports_the_full_val_loss_of_a_checkpoint(char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_train(out, char_data, "--max_iters=2", "--always_save_checkpoint=True") == 0
+    before = (out / CKPT_NAME).read_bytes()
+    # Deliberately without the run's shape flags: evaluation takes the checkpoint's shape.
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={out}", f"--data_dir={char_data}", "--eval_only", "--init_from=resume",
+                    "--eval_iters=2", "--batch_size=64"])
+    assert exit_info.value.code == 0
+    assert "full val loss" in capsys.readouterr().out
+    assert set(metric(out, "val_loss_full")) == {2}
+    assert (out / CKPT_NAME).read_bytes() == before
+
+
+def test_full_val_loss_predicts_every_token_exactly_once():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokens = np.random.default_rng(0).integers(0, 11, size=103).astype(np.uint16)  # 102 targets: 12 windows + 6
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 8):
+            chunk = torch.from_numpy(tokens[start : start + 9].astype(np.int64))[None]
+            logits, _ = model(chunk[:, :-1], chunk[:, 1:])
+            total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+    expected = total / (len(tokens) - 1)
+    assert train.full_val_loss(model, tokens, 8, 5, torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
+
+
+def test_bfloat16_autocast_on_cpu_trains_with_finite_loss(char_data, tmp_path):
+    assert run_train(tmp_path / "out", char_data, "--max_iters=3", "--dtype=bfloat16") == 0
+    assert all(math.isfinite(loss) for loss in metric(tmp_path / "out", "loss").values())
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_completes(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run_train(tmp_path / "out", char_data, "--max_iters=2", "--wandb_log=True") == 0
+    assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
+def test_vocab_is_padded_to_a_multiple_of_64_only_when_large():
+    assert train.padded_vocab_size(65) == 65
+    assert train.padded_vocab_size(50257) == 50304
+    assert train.padded_vocab_size(50304) == 50304
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_file", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config_file):
+    cfg = parse_config(train.TrainConfig(), [str(config_file)])
+    assert cfg.out_dir != train.TrainConfig().out_dir  # each config writes to its own out_dir
+
+
+def test_config_files_then_flags_apply_left_to_right(tmp_path):
+    first, second = tmp_path / "first.py", tmp_path / "second.py"
+    first.write_text("n_layer = 3\nbatch_size = 5\nlearning_rate = 1  # an int for a float key\n")
+    second.write_text("batch_size = 6\n")
+    cfg = parse_config(train.TrainConfig(), [str(first), "--batch_size=7", str(second), "--n_kv_head=None"])
+    assert (cfg.n_layer, cfg.batch_size, cfg.learning_rate, cfg.n_kv_head) == (3, 6, 1.0, None)
+
+
+def test_unknown_key_exits_2_and_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--n_layers=4"])
+    assert exit_info.value.code == 2
+    assert "did you mean 'n_layer'" in capsys.readouterr().err
+
+
+def test_wrong_type_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--batch_size=big"])
+    assert exit_info.value.code == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_help_lists_every_key_and_exits_0():
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                            env=SUBPROCESS_ENV)
+    assert result.returncode == 0
+    for key in vars(train.TrainConfig()):
+        assert f"--{key}=" in result.stdout
+
+
+# --- bad input: exit 1 with one line on stderr -------------------------------------------------
+
+
+def expect_error(out_dir: Path, data_dir: Path, flags: list[str], message: str, capsys) -> None:
+    assert run_train(out_dir, data_dir, *flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_missing_data_set_names_the_prepare_command(tmp_path, capsys):
+    missing = tmp_path / "shakespeare_char"
+    expect_error(tmp_path / "out", missing, [], "python data/shakespeare_char/prepare.py", capsys)
+
+
+def test_block_size_larger_than_the_data_is_refused(char_data, tmp_path, capsys):
+    expect_error(tmp_path / "out", char_data, ["--block_size=200000"], "block_size=200000 does not fit the val split", capsys)
+
+
+def test_resume_with_another_model_shape_is_refused(char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_train(out, char_data, "--max_iters=1", "--always_save_checkpoint=True") == 0
+    expect_error(out, char_data, ["--init_from=resume", "--n_layer=3"], "n_layer=2 (config: 3)", capsys)
+
+
+def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):
+    expect_error(tmp_path / "out", char_data, ["--init_from=resume"], "no checkpoint at", capsys)
+
+
+def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    expect_error(tmp_path / "file", char_data, [], "is not a directory", capsys)
