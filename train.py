@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import cli_config
 from data.common import load_meta
 from model import GPT, GPTConfig
@@ -158,7 +158,10 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], Train
     if path.is_dir():
         path = path / CKPT_NAME
     checkpoint = load_checkpoint(path)
-    loaded = GPTConfig(**{**checkpoint["model_args"], "dropout": cfg.dropout})  # dropout is a training choice
+    if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
+        checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
+    model = model_from_checkpoint(checkpoint)
+    loaded = model.config
     if cfg.init_from == "resume" and not cfg.eval_only:
         diffs = [f"{k}={v} (config: {getattr(wanted, k)})" for k, v in asdict(loaded).items() if v != getattr(wanted, k)]
         if diffs:
@@ -176,17 +179,12 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], Train
                 f"the data set's vocabulary ({meta['vocab_size']:,} tokens) is larger than the model's "
                 f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
             )
-    model = GPT(loaded)
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model, checkpoint, cfg
 
 
-def check_data_fits(data_dir: Path, dtype: str, block_size: int) -> None:
+def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
     for split in ("train", "val"):
-        path = data_dir / f"{split}.bin"
-        if not path.is_file():
-            raise TrainError(f"{path} is missing: prepare the data set again (see data/<dataset>/prepare.py)")
-        n_tokens = path.stat().st_size // np.dtype(dtype).itemsize
+        n_tokens = meta[f"{split}_tokens"]
         if n_tokens <= block_size:
             raise TrainError(
                 f"block_size={block_size} does not fit the {split} split of {data_dir} ({n_tokens:,} tokens): "
@@ -370,7 +368,7 @@ def run(cfg: TrainConfig, device: torch.device, stop_group: Optional[dist.Proces
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model, checkpoint, cfg = init_model(cfg, meta)
-    check_data_fits(data_dir, meta["dtype"], cfg.block_size)
+    check_data_fits(data_dir, meta, cfg.block_size)
     raw_model.to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
