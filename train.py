@@ -38,7 +38,7 @@ REPO_DIR = Path(__file__).resolve().parent
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt, config.json and metrics.jsonl go here
-    init_from: str = "scratch"  # 'scratch', 'resume' (continue out_dir/ckpt.pt), or a ckpt.pt or its folder: a new run from its weights
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file/folder to start anew from
     eval_interval: int = 250  # iterations between evaluations; a checkpoint is saved when val loss improves
     eval_iters: int = 100  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate the model init_from gives, then exit
@@ -72,7 +72,7 @@ class TrainConfig:
     min_lr: float = 6e-5
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda:1'
-    dtype: str = "auto"  # 'auto' (CUDA: bfloat16, or float16 where bf16 is unsupported; else float32), 'float32', 'bfloat16', 'float16'
+    dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 if unsupported), else float32; or one of those
     compile: Optional[bool] = None  # torch.compile the model; None = only on CUDA
     seed: int = 1337
 
@@ -128,7 +128,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPES:
         raise TrainError(f"dtype={requested!r}: use 'auto' or one of {', '.join(DTYPES)}")
     if requested == "float16" and device.type != "cuda":
-        raise TrainError(f"dtype='float16' needs CUDA (for its gradient scaler); on {device.type} use bfloat16 or float32")
+        raise TrainError(f"dtype='float16' needs CUDA (for its gradient scaler); on {device.type} use bfloat16")
     return DTYPES[requested]
 
 
@@ -154,7 +154,7 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], Train
         return GPT(wanted), None, cfg
     path = Path(cfg.out_dir) / CKPT_NAME if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
-        raise TrainError(f"init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor an existing checkpoint file or folder")
+        raise TrainError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder")
     if path.is_dir():
         path = path / CKPT_NAME
     checkpoint = load_checkpoint(path)
@@ -163,7 +163,8 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], Train
     model = model_from_checkpoint(checkpoint)
     loaded = model.config
     if cfg.init_from == "resume" and not cfg.eval_only:
-        diffs = [f"{k}={v} (config: {getattr(wanted, k)})" for k, v in asdict(loaded).items() if v != getattr(wanted, k)]
+        wanted_args = asdict(wanted)
+        diffs = [f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]]
         if diffs:
             raise TrainError(
                 f"cannot resume {path}: its model has {', '.join(diffs)}. Resume with the run's own config "
@@ -172,7 +173,8 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], Train
     else:
         changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
         if changed:
-            say(f"note: model shape from {path}: " + ", ".join(f"{k}={v}" for k, v in changed.items()) + " (config values ignored)")
+            shape = ", ".join(f"{k}={v}" for k, v in changed.items())
+            say(f"note: the model's shape comes from {path}: {shape} (the config's values are ignored)")
         cfg = replace(cfg, **changed)
         if meta["vocab_size"] > loaded.vocab_size:
             raise TrainError(
@@ -378,7 +380,9 @@ def run(cfg: TrainConfig, device: torch.device, stop_group: Optional[dist.Proces
         iter_num = checkpoint["iter_num"]
     if resumed:
         if "optimizer" not in checkpoint:
-            raise TrainError(f"{out_dir / CKPT_NAME} has no optimizer state to resume; start from its weights with --init_from={out_dir}")
+            raise TrainError(
+                f"{out_dir / CKPT_NAME} has no optimizer state to resume; start from its weights: --init_from={out_dir}"
+            )
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler.is_enabled() and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
