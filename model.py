@@ -40,7 +40,8 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + head_dim/2]) by their position's angle. x: (B, heads, T, head_dim)."""
+    """Rotate pairs (x[i], x[i + head_dim/2]) by their position's angle. x: (B, T, heads, head_dim),
+    cos and sin: (T, 1, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated_half = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
@@ -120,12 +121,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope_cos, rope_sin, cache: Optional[KVCache] = None, start_pos: int = 0):
         B, T, C = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        n_qk = self.n_head + self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
+        # q and k are neighbours in the fused projection: rotate both in one pass.
+        qk = apply_rope(qkv[:, :, :n_qk], rope_cos, rope_sin)  # (B, T, n_head + n_kv_head, head_dim)
+        q = qk[:, :, : self.n_head].transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, start_pos + T, head_dim)
         grouped = self.n_kv_head != self.n_head
@@ -137,7 +139,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1, **gqa_kwargs
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, q_size)
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.wo(y))
 
 
@@ -219,13 +221,13 @@ class GPT(nn.Module):
         if cache is not None and T > 1 and start_pos != 0:
             raise ValueError("with a KV cache, several tokens at once must be a prefill from position 0")
         x = self.tok_embeddings(idx)  # (B, T, n_embd)
-        rope_cos = self.rope_cos[start_pos : start_pos + T]  # (T, head_dim)
-        rope_sin = self.rope_sin[start_pos : start_pos + T]
+        rope_cos = self.rope_cos[start_pos : start_pos + T, None]  # (T, 1, head_dim): broadcast over heads
+        rope_sin = self.rope_sin[start_pos : start_pos + T, None]
         for block in self.layers:
             x = block(x, rope_cos, rope_sin, cache, start_pos)
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab): all that sampling needs
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
