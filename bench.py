@@ -1,0 +1,358 @@
+"""Speed of this project's Llama against transformers' LlamaForCausalLM: same config, same weights,
+same machine, same run. Ours and the peer's measurements alternate, so background load slows both
+alike; on a busy machine the ratios are the figures to trust, not the absolute numbers.
+
+    python bench.py                                    # small preset, about a minute on a 2-core CPU
+    python bench.py --preset 124m --device cuda --dtype bfloat16 --json bench.json
+
+Measures: training tokens/s (forward + backward + AdamW) and MFU against the device's measured matmul
+peak; greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same
+tokens; peak memory of a training step; and our generation with the KV cache against ours without it
+(a full re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import runpy
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from model import GPT, GPTConfig, sample_next_token
+
+SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
+SHAKESPEARE_VOCAB = 65  # distinct characters in Tiny Shakespeare
+
+
+@dataclass
+class Preset:
+    model: dict  # GPTConfig fields
+    batch_size: int  # training batch, sequences of seq_len tokens
+    seq_len: int
+    train_steps: int  # timed steps per model, after one warm-up step
+    prompt_len: int  # generation: a random prompt of prompt_len tokens, then new_tokens greedy ones
+    new_tokens: int
+    generate_repeats: int
+    no_cache_tokens: int  # new tokens for the KV cache vs no cache comparison
+    matmul_size: int  # n of the n x n x n matmul that measures the peak FLOP/s
+
+
+PRESETS = {
+    "tiny": Preset(  # seconds; for the smoke test, not for numbers
+        dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
+        batch_size=2, seq_len=32, train_steps=1, prompt_len=8, new_tokens=8, generate_repeats=1,
+        no_cache_tokens=8, matmul_size=256,
+    ),
+    "small": Preset(  # about a minute on a 2-core CPU
+        dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
+        batch_size=8, seq_len=256, train_steps=5, prompt_len=64, new_tokens=256, generate_repeats=3,
+        no_cache_tokens=500, matmul_size=2048,
+    ),
+    "124m": Preset(  # GPT-2 small's shape as a Llama
+        dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        batch_size=16, seq_len=1024, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
+        no_cache_tokens=500, matmul_size=8192,
+    ),
+    "1b": Preset(  # Llama 3.2 1B's shape with a 32k vocabulary
+        dict(vocab_size=32000, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+             intermediate_size=8192, rope_theta=500000.0),
+        batch_size=4, seq_len=2048, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
+        no_cache_tokens=500, matmul_size=8192,
+    ),
+}
+
+
+def to_peer(model: GPT):
+    """transformers' LlamaForCausalLM holding a copy of our weights, mapped by convert.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert import to_hf  # needs safetensors, as transformers does
+
+    cfg = model.config
+    peer_config = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # random weights: never stop early
+        attn_implementation="sdpa",  # their fastest built-in attention on every device, as ours uses
+    )
+    peer = LlamaForCausalLM(peer_config)
+    weights = to_hf(model.state_dict(), cfg, model.lm_head.weight.dtype)
+    missing, unexpected = peer.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied lm_head: no entry
+    return peer.to(model.lm_head.weight.device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median_times(ours: Callable, peer: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of ours() and peer() after one warm-up call each. Calls alternate, and so does
+    who goes first, so that load from other processes and cache warmth fall on both alike."""
+    ours(), peer()
+    times_ours, times_peer = [], []
+    for i in range(repeats):
+        if i % 2:
+            times_peer.append(timed(peer, device))
+            times_ours.append(timed(ours, device))
+        else:
+            times_ours.append(timed(ours, device))
+            times_peer.append(timed(peer, device))
+    return statistics.median(times_ours), statistics.median(times_peer)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """The best FLOP/s of an n x n x n matmul in dtype: the device's practical peak, measured, not
+    looked up, so MFU means the same on a laptop CPU as on a datacenter GPU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: library initialisation, kernel selection
+    best = min(timed(lambda: a @ b, device) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def rss_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def step_peak_memory(step: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Bytes a training step needs at its peak beyond what was allocated before it: activations,
+    gradients, temporaries. CPU: peak RSS over RSS before (Linux with glibc only, else None)."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS: a step cannot hide in it
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
+    except OSError:
+        return None
+    before = rss_bytes("VmRSS")
+    step()
+    return rss_bytes("VmHWM") - before
+
+
+def train_step_fns(model: GPT, peer, preset: Preset, device: torch.device, autocast) -> tuple[Callable, Callable]:
+    """One forward + backward + AdamW step for each model, on the same random batch."""
+    x = torch.randint(0, model.config.vocab_size, (preset.batch_size, preset.seq_len), device=device)
+    opt_ours = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    fused = opt_ours.defaults["fused"]  # the same AdamW for both: the comparison is of the models
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+
+    def ours() -> None:
+        with autocast():
+            loss = model(x, x)[1]  # not holding the logits: they would stay alive through backward
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def peer_step() -> None:
+        with autocast():
+            loss = peer(input_ids=x, labels=x).loss  # they shift the labels themselves
+        loss.backward()
+        opt_peer.step()
+        opt_peer.zero_grad(set_to_none=True)
+
+    return ours, peer_step
+
+
+def generate_without_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding as nanoGPT samples: each token re-runs the whole context, cropped to block_size."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        idx = torch.cat([idx, sample_next_token(logits[:, -1], temperature=0)], dim=1)
+    return idx
+
+
+def shakespeare_model(out_dir: Optional[str], device: torch.device) -> GPT:
+    """The README's Shakespeare model: trained weights from out_dir, else random weights in the shape
+    configs/shakespeare_char.py gives (random weights decode exactly as fast)."""
+    if out_dir:
+        from checkpoint import load_checkpoint, model_from_checkpoint
+
+        return model_from_checkpoint(load_checkpoint(Path(out_dir) / "ckpt.pt", device)).to(device).eval()
+    shape = dict(vocab_size=SHAKESPEARE_VOCAB, n_layer=4, n_head=4, n_embd=128, block_size=128)
+    if SHAKESPEARE_CONFIG.is_file():
+        model_keys = {f.name for f in fields(GPTConfig)}
+        shape.update({k: v for k, v in runpy.run_path(str(SHAKESPEARE_CONFIG)).items() if k in model_keys})
+    return GPT(GPTConfig(**shape)).to(device).eval()
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, peak_flops: float) -> dict:
+    """Training tokens/s, MFU and step peak memory, ours and the peer's."""
+    model.train()
+    peer = to_peer(model).train()
+    step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
+    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device)
+    tokens = preset.batch_size * preset.seq_len
+    flops = model.flops_per_token(preset.seq_len) * tokens  # the same count for both: same architecture
+    return {
+        "train_tokens_per_s": {"ours": tokens / dt_ours, "peer": tokens / dt_peer},
+        "mfu": {"ours": flops / dt_ours / peak_flops, "peer": flops / dt_peer / peak_flops},
+        "train_peak_memory_bytes": {"ours": step_peak_memory(step_ours, device),
+                                    "peer": step_peak_memory(step_peer, device)},
+    }
+
+
+def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
+    """Greedy generation tokens/s at batch 1 and 8, each model with its own KV cache, and whether both
+    produced the same tokens. Tokens/s counts new tokens over the whole call, prefill included."""
+    model.eval()
+    peer = to_peer(model).eval()
+    results = {}
+    for batch in (1, 8):
+        prompt = torch.randint(0, model.config.vocab_size, (batch, preset.prompt_len), device=device)
+        outputs = {}
+
+        def ours() -> None:
+            with autocast():
+                outputs["ours"] = model.generate(prompt, preset.new_tokens, temperature=0)
+
+        def theirs() -> None:
+            with torch.inference_mode(), autocast():
+                outputs["peer"] = peer.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=preset.new_tokens,
+                    min_new_tokens=preset.new_tokens, do_sample=False, use_cache=True,
+                )
+
+        dt_ours, dt_peer = median_times(ours, theirs, preset.generate_repeats, device)
+        new_tokens = batch * preset.new_tokens
+        results[f"decode_tokens_per_s_batch{batch}"] = {"ours": new_tokens / dt_ours, "peer": new_tokens / dt_peer}
+        results[f"greedy_tokens_identical_batch{batch}"] = torch.equal(outputs["ours"], outputs["peer"])
+    return results
+
+
+def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
+    """Our greedy generation tokens/s with the KV cache and without it, at batch 1 and 8."""
+    results = {"no_cache_model": asdict(model.config)}
+    for batch in (1, 8):
+        prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)  # one token, as sample.py starts
+
+        def cached() -> None:
+            with autocast():
+                model.generate(prompt, preset.no_cache_tokens, temperature=0)
+
+        def uncached() -> None:
+            with torch.inference_mode(), autocast():
+                generate_without_cache(model, prompt, preset.no_cache_tokens)
+
+        dt_cached, dt_uncached = median_times(cached, uncached, preset.generate_repeats, device)
+        new_tokens = batch * preset.no_cache_tokens
+        results[f"kv_cache_tokens_per_s_batch{batch}"] = {"cache": new_tokens / dt_cached,
+                                                          "no_cache": new_tokens / dt_uncached}
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="float32, or autocast to a 16-bit type (default: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    preset = PRESETS[args.preset]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**preset.model)).to(device)
+    results: dict = {
+        "preset": args.preset, "machine": machine_name(device), "device": device.type, "dtype": dtype_name,
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(), "model": asdict(model.config), "params": model.get_num_params(),
+    }
+    print(f"machine: {results['machine']} | torch {torch.__version__} | transformers {transformers.__version__}"
+          f" | {results['threads']} threads | {device.type} {dtype_name}")
+    load = results["load_average_start"]
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load)}")
+    if device.type == "cpu" and load[0] > 0.5 * (os.cpu_count() or 1):
+        print("warning: the machine is busy; absolute numbers will be low and noisy, the ratios hold better")
+    print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
+
+    results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
+    results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
+    results.update(bench_generation(model, preset, device, autocast))
+    results.update(bench_kv_cache(shakespeare_model(args.out_dir, device), preset, device, autocast))
+    results["load_average_end"] = os.getloadavg()
+    print_table(results, preset)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_table(r: dict, preset: Preset) -> None:
+    def row(name: str, ours: Optional[float], peer: Optional[float], fmt: str = "{:,.0f}") -> None:
+        cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
+        ratio = f"{ours / peer:.2f}x" if ours and peer else ""
+        print(f"{name:<44} {cells[0]:>12} {cells[1]:>12} {ratio:>8}")
+
+    def pair(key: str, a: str = "ours", b: str = "peer") -> tuple:
+        return r[key][a], r[key][b]
+
+    mib = {k: v / 2**20 if v is not None else None for k, v in r["train_peak_memory_bytes"].items()}
+    print(f"\npeak matmul throughput ({r['dtype']}, measured): {r['peak_flops'] / 1e9:,.1f} GFLOP/s")
+    print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ratio':>8}")
+    row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair("train_tokens_per_s"))
+    row("train MFU (of measured peak)", *(100 * v for v in pair("mfu")), fmt="{:.1f}%")
+    row("train step peak memory (MiB)", mib["ours"], mib["peer"])
+    gen = f"{preset.prompt_len}-token prompt + {preset.new_tokens}"
+    for batch in (1, 8):
+        row(f"decode tokens/s batch {batch} ({gen})", *pair(f"decode_tokens_per_s_batch{batch}"))
+    same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
+    print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
+    shape = r["no_cache_model"]
+    print(f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
+          f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})")
+    print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>8}")
+    for batch in (1, 8):
+        row(f"decode tokens/s batch {batch}", *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"))
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in r['load_average_end'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""bench.py and plot.py run end to end at tiny sizes. Nothing here is timed: speed is bench.py's job."""
+import json
+
+import pytest
+import torch
+
+import bench
+import plot
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a busy 2-core machine crawl when several OpenMP threads contend for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_tiny_preset_writes_every_figure_to_json(tmp_path, capsys, one_thread):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--device", "cpu", "--json", str(out)])
+    results = json.loads(out.read_text())
+    for key in ("train_tokens_per_s", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "mfu"):
+        assert set(results[key]) == {"ours", "peer"} and all(v > 0 for v in results[key].values())
+    for key in ("kv_cache_tokens_per_s_batch1", "kv_cache_tokens_per_s_batch8"):
+        assert set(results[key]) == {"cache", "no_cache"} and all(v > 0 for v in results[key].values())
+    assert results["peak_flops"] > 0
+    assert results["greedy_tokens_identical_batch1"] and results["greedy_tokens_identical_batch8"]
+    assert "transformers" in capsys.readouterr().out  # the table was printed
+
+
+def test_plot_writes_png_from_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"iter": i, "loss": 4.0 - i / 100, "lr": 1e-3, "ms_per_iter": 10.0, "tokens_per_s": 1e4, "mfu": 0.1}
+               for i in range(0, 100, 10)]
+    records += [{"iter": i, "train_loss": 3.9 - i / 100, "val_loss": 4.0 - i / 100} for i in (0, 50, 99)]
+    records.append({"iter": 99, "val_loss_full": 3.0})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    plot.main([str(tmp_path), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_without_metrics_exits_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="no .*metrics.jsonl"):
+        plot.main([str(tmp_path)])
