@@ -230,7 +230,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
         logits = self.lm_head(x)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(
@@ -280,12 +280,16 @@ class GPT(nn.Module):
         the cache is full the window slides by re-prefilling the most recent block_size // 2 tokens,
         so every token is predicted from between block_size // 2 and block_size tokens of context.
         """
-        B = idx.size(0)
-        block_size = self.config.block_size
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generation needs at least one prompt token (e.g. an end-of-text token)")
         cfg = self.config
-        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, block_size, cfg.head_dim)
-        window = torch.empty(B, block_size, dtype=torch.long, device=idx.device)  # tokens in the cache
-        pos = min(idx.size(1), block_size)
+        block_size = cfg.block_size
+        # No longer than this call needs: a long-context model would otherwise reserve its whole window.
+        cache_len = min(block_size, T + max_new_tokens)
+        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, cache_len, cfg.head_dim)
+        window = torch.empty(B, cache_len, dtype=torch.long, device=idx.device)  # tokens in the cache
+        pos = min(T, block_size)
         window[:, :pos] = idx[:, -pos:]
         logits, _ = self(window[:, :pos], cache=cache, start_pos=0)
         for step in range(max_new_tokens):

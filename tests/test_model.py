@@ -263,3 +263,12 @@ def test_num_params_counts_a_tied_weight_once():
     embedding = 97 * 32
     assert untied.get_num_params() == tied.get_num_params() + embedding
     assert untied.get_num_params(non_embedding=True) == tied.get_num_params(non_embedding=True)
+
+
+def test_loss_accepts_non_contiguous_targets_and_generate_rejects_empty_prompts():
+    model = random_model(tiny_config())
+    tokens = torch.randint(0, 97, (2, 17))
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])  # a slice: not contiguous
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        model.generate(tokens[:, :0], 3)
