@@ -16,8 +16,8 @@ n_head = 4
 n_embd = 128
 dropout = 0.0  # too few iterations to overfit
 
-learning_rate = 2e-3  # a small model takes a high learning rate
+learning_rate = 3e-3  # a small model takes a high learning rate
 max_iters = 1000  # ~2M tokens: ~2.5 minutes at ~15k tokens/s on 2 idle cores
 warmup_iters = 50
-min_lr = 2e-4
+min_lr = 1e-4
 beta2 = 0.99  # few tokens per iteration: a longer second-moment average is steadier
