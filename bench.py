@@ -39,8 +39,9 @@ class Preset:
     train_steps: int  # timed steps per model, after one warm-up step
     prompt_len: int  # generation: a random prompt of prompt_len tokens, then new_tokens greedy ones
     new_tokens: int
-    generate_repeats: int
+    generate_repeats: int  # timed generations per model and batch size (a long call needs no warm-up)
     no_cache_tokens: int  # new tokens for the KV cache vs no cache comparison
+    no_cache_repeats: int  # its gap is several-fold: fewer repeats do
     matmul_size: int  # n of the n x n x n matmul that measures the peak FLOP/s
 
 
@@ -48,23 +49,23 @@ PRESETS = {
     "tiny": Preset(  # seconds; for the smoke test, not for numbers
         dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
         batch_size=2, seq_len=32, train_steps=1, prompt_len=8, new_tokens=8, generate_repeats=1,
-        no_cache_tokens=8, matmul_size=256,
+        no_cache_tokens=8, no_cache_repeats=1, matmul_size=256,
     ),
     "small": Preset(  # about a minute on a 2-core CPU
         dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
-        batch_size=8, seq_len=256, train_steps=5, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, matmul_size=2048,
+        batch_size=8, seq_len=256, train_steps=3, prompt_len=64, new_tokens=256, generate_repeats=3,
+        no_cache_tokens=500, no_cache_repeats=1, matmul_size=2048,
     ),
     "124m": Preset(  # GPT-2 small's shape as a Llama
         dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
         batch_size=16, seq_len=1024, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, matmul_size=8192,
+        no_cache_tokens=500, no_cache_repeats=3, matmul_size=8192,
     ),
     "1b": Preset(  # Llama 3.2 1B's shape with a 32k vocabulary
         dict(vocab_size=32000, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
              intermediate_size=8192, rope_theta=500000.0),
         batch_size=4, seq_len=2048, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, matmul_size=8192,
+        no_cache_tokens=500, no_cache_repeats=3, matmul_size=8192,
     ),
 }
 
@@ -104,10 +105,14 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def median_times(ours: Callable, peer: Callable, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median seconds of ours() and peer() after one warm-up call each. Calls alternate, and so does
-    who goes first, so that load from other processes and cache warmth fall on both alike."""
-    ours(), peer()
+def median_times(
+    ours: Callable, peer: Callable, repeats: int, device: torch.device, warm_up: bool = False
+) -> tuple[float, float]:
+    """Median seconds of ours() and peer(). Calls alternate, and so does who goes first, so that load
+    from other processes and cache warmth fall on both alike."""
+    if warm_up:
+        ours()
+        peer()
     times_ours, times_peer = [], []
     for i in range(repeats):
         if i % 2:
@@ -219,7 +224,7 @@ def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, p
     model.train()
     peer = to_peer(model).train()
     step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
-    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device)
+    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device, warm_up=True)  # AdamW state
     tokens = preset.batch_size * preset.seq_len
     flops = model.flops_per_token(preset.seq_len) * tokens  # the same count for both: same architecture
     return {
@@ -272,11 +277,40 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
             with torch.inference_mode(), autocast():
                 generate_without_cache(model, prompt, preset.no_cache_tokens)
 
-        dt_cached, dt_uncached = median_times(cached, uncached, preset.generate_repeats, device)
+        dt_cached, dt_uncached = median_times(cached, uncached, preset.no_cache_repeats, device)
         new_tokens = batch * preset.no_cache_tokens
         results[f"kv_cache_tokens_per_s_batch{batch}"] = {"cache": new_tokens / dt_cached,
                                                           "no_cache": new_tokens / dt_uncached}
     return results
+
+
+def print_table(r: dict, preset: Preset) -> None:
+    def row(name: str, ours: Optional[float], peer: Optional[float], fmt: str = "{:,.0f}") -> None:
+        cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
+        ratio = f"{ours / peer:.2f}x" if ours and peer else ""
+        print(f"{name:<44} {cells[0]:>12} {cells[1]:>12} {ratio:>9}")
+
+    def pair(key: str, a: str = "ours", b: str = "peer") -> tuple:
+        return r[key][a], r[key][b]
+
+    mib = {k: v / 2**20 if v is not None else None for k, v in r["train_peak_memory_bytes"].items()}
+    print(f"\npeak matmul throughput ({r['dtype']}, measured): {r['peak_flops'] / 1e9:,.1f} GFLOP/s")
+    print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ours/them':>9}")
+    row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair("train_tokens_per_s"))
+    row("train MFU (of measured peak)", *(100 * v for v in pair("mfu")), fmt="{:.1f}%")
+    row("train step peak memory (MiB)", mib["ours"], mib["peer"])
+    gen = f"{preset.prompt_len}-token prompt + {preset.new_tokens}"
+    for batch in (1, 8):
+        row(f"decode tokens/s batch {batch} ({gen})", *pair(f"decode_tokens_per_s_batch{batch}"))
+    same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
+    print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
+    shape = r["no_cache_model"]
+    print(f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
+          f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})")
+    print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>9}")
+    for batch in (1, 8):
+        row(f"decode tokens/s batch {batch}", *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"))
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in r['load_average_end'])}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -323,35 +357,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     print_table(results, preset)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-
-
-def print_table(r: dict, preset: Preset) -> None:
-    def row(name: str, ours: Optional[float], peer: Optional[float], fmt: str = "{:,.0f}") -> None:
-        cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
-        ratio = f"{ours / peer:.2f}x" if ours and peer else ""
-        print(f"{name:<44} {cells[0]:>12} {cells[1]:>12} {ratio:>8}")
-
-    def pair(key: str, a: str = "ours", b: str = "peer") -> tuple:
-        return r[key][a], r[key][b]
-
-    mib = {k: v / 2**20 if v is not None else None for k, v in r["train_peak_memory_bytes"].items()}
-    print(f"\npeak matmul throughput ({r['dtype']}, measured): {r['peak_flops'] / 1e9:,.1f} GFLOP/s")
-    print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ratio':>8}")
-    row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair("train_tokens_per_s"))
-    row("train MFU (of measured peak)", *(100 * v for v in pair("mfu")), fmt="{:.1f}%")
-    row("train step peak memory (MiB)", mib["ours"], mib["peer"])
-    gen = f"{preset.prompt_len}-token prompt + {preset.new_tokens}"
-    for batch in (1, 8):
-        row(f"decode tokens/s batch {batch} ({gen})", *pair(f"decode_tokens_per_s_batch{batch}"))
-    same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
-    print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
-    shape = r["no_cache_model"]
-    print(f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
-          f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})")
-    print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>8}")
-    for batch in (1, 8):
-        row(f"decode tokens/s batch {batch}", *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"))
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in r['load_average_end'])}")
 
 
 if __name__ == "__main__":
