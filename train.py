@@ -450,7 +450,7 @@ def run(cfg: TrainConfig, device: torch.device, stop_group: Optional[dist.Proces
             # Gradients are averaged across processes only in the last micro-step's backward.
             with train_model.no_sync() if world_size > 1 and micro_step < local_steps - 1 else nullcontext():
                 with autocast:
-                    _, loss = train_model(x, y)
+                    loss = train_model(x, y)[1]  # not holding the logits frees them before backward
                 scaler.scale(loss / local_steps).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
