@@ -74,19 +74,15 @@ def to_peer(model: GPT):
     """transformers' LlamaForCausalLM holding a copy of our weights, mapped by convert.py."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert import to_hf  # needs safetensors, as transformers does
+    from convert import hf_config, to_hf  # needs safetensors, as transformers does
 
     cfg = model.config
-    peer_config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # random weights: never stop early
-        attn_implementation="sdpa",  # their fastest built-in attention on every device, as ours uses
-    )
+    dtype = model.lm_head.weight.dtype
+    # No tokenizer: no bos/eos ids, so random weights never stop generation early.
+    # sdpa: their fastest built-in attention on every device, as ours uses.
+    peer_config = LlamaConfig(**hf_config(cfg, dtype, tokenizer={}), attn_implementation="sdpa")
     peer = LlamaForCausalLM(peer_config)
-    weights = to_hf(model.state_dict(), cfg, model.lm_head.weight.dtype)
+    weights = to_hf(model.state_dict(), cfg, dtype)
     missing, unexpected = peer.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied lm_head: no entry
     return peer.to(model.lm_head.weight.device)
