@@ -3,11 +3,11 @@ same machine, same run. Ours and the peer's measurements alternate, so backgroun
 alike; on a busy machine the ratios are the figures to trust, not the absolute numbers.
 
     python bench.py                                    # small preset, about a minute on a 2-core CPU
-    python bench.py --preset 124m --device cuda --dtype bfloat16 --json bench.json
+    python bench.py --device cuda --dtype bfloat16 --json bench.json
 
-Measures: training tokens/s (forward + backward + AdamW) and MFU against the device's measured matmul
-peak; greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same
-tokens; peak memory of a training step; and our generation with the KV cache against ours without it
+Measures: training tokens/s (forward + backward + AdamW) and MFU, here the utilisation of the
+device's matmul peak measured in the same run (train.py's MFU uses a GPU's datasheet peak instead);
+greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same tokens; peak memory of a training step; and our generation with the KV cache against ours without it
 (a full re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model.
 """
 import argparse
@@ -16,16 +16,20 @@ import gc
 import json
 import os
 import platform
-import runpy
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
+import psutil
 import torch
 
+from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
+from configurator import parse_config
 from model import GPT, GPTConfig, sample_next_token
+from runtime import DTYPES, exit_on_error, pick_device, pick_dtype
+from train import TrainConfig, model_config
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
 SHAKESPEARE_VOCAB = 65  # distinct characters in Tiny Shakespeare
@@ -55,17 +59,6 @@ PRESETS = {
         dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
         batch_size=8, seq_len=256, train_steps=3, prompt_len=64, new_tokens=256, generate_repeats=3,
         no_cache_tokens=500, no_cache_repeats=1, matmul_size=2048,
-    ),
-    "124m": Preset(  # GPT-2 small's shape as a Llama
-        dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
-        batch_size=16, seq_len=1024, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, no_cache_repeats=3, matmul_size=8192,
-    ),
-    "1b": Preset(  # Llama 3.2 1B's shape with a 32k vocabulary
-        dict(vocab_size=32000, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
-             intermediate_size=8192, rope_theta=500000.0),
-        batch_size=4, seq_len=2048, train_steps=10, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, no_cache_repeats=3, matmul_size=8192,
     ),
 }
 
@@ -129,15 +122,13 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> floa
     return 2 * n**3 / best
 
 
-def rss_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since the last reset (VmHWM): no library reads it after a reset."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
-def step_peak_memory(step: Callable[[], None], device: torch.device) -> Optional[int]:
+def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
     """Bytes a training step needs at its peak beyond what was allocated before it: activations,
     gradients, temporaries. CPU: peak RSS over RSS before (Linux with glibc only, else None)."""
     gc.collect()
@@ -153,9 +144,9 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> Optional
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
     except OSError:
         return None
-    before = rss_bytes("VmRSS")
+    before = psutil.Process().memory_info().rss
     step()
-    return rss_bytes("VmHWM") - before
+    return peak_rss_bytes() - before
 
 
 def train_step_fns(model: GPT, peer, preset: Preset, device: torch.device, autocast) -> tuple[Callable, Callable]:
@@ -190,29 +181,19 @@ def generate_without_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int) -
     return idx
 
 
-def shakespeare_model(out_dir: Optional[str], device: torch.device) -> GPT:
+def shakespeare_model(out_dir: str | None, device: torch.device) -> GPT:
     """The README's Shakespeare model: trained weights from out_dir, else random weights in the shape
     configs/shakespeare_char.py gives (random weights decode exactly as fast)."""
     if out_dir:
-        from checkpoint import load_checkpoint, model_from_checkpoint
-
-        return model_from_checkpoint(load_checkpoint(Path(out_dir) / "ckpt.pt", device)).to(device).eval()
-    shape = dict(vocab_size=SHAKESPEARE_VOCAB, n_layer=4, n_head=4, n_embd=128, block_size=128)
-    if SHAKESPEARE_CONFIG.is_file():
-        model_keys = {f.name for f in fields(GPTConfig)}
-        shape.update({k: v for k, v in runpy.run_path(str(SHAKESPEARE_CONFIG)).items() if k in model_keys})
-    return GPT(GPTConfig(**shape)).to(device).eval()
+        return model_from_checkpoint(load_checkpoint(Path(out_dir) / CKPT_NAME, device)).to(device).eval()
+    cfg = parse_config(TrainConfig(), [str(SHAKESPEARE_CONFIG)])
+    return GPT(model_config(cfg, SHAKESPEARE_VOCAB)).to(device).eval()
 
 
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, peak_flops: float) -> dict:
@@ -281,7 +262,7 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
 
 
 def print_table(r: dict, preset: Preset) -> None:
-    def row(name: str, ours: Optional[float], peer: Optional[float], fmt: str = "{:,.0f}") -> None:
+    def row(name: str, ours: float | None, peer: float | None, fmt: str = "{:,.0f}") -> None:
         cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
         ratio = f"{ours / peer:.2f}x" if ours and peer else ""
         print(f"{name:<44} {cells[0]:>12} {cells[1]:>12} {ratio:>9}")
@@ -306,15 +287,18 @@ def print_table(r: dict, preset: Preset) -> None:
     print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>9}")
     for batch in (1, 8):
         row(f"decode tokens/s batch {batch}", *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"))
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in r['load_average_end'])}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    exit_on_error(lambda: bench(argv))
+
+
+def bench(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="float32, or autocast to a 16-bit type (default: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="float32, or autocast to a 16-bit type (auto: as train.py chooses)")
     parser.add_argument("--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -322,9 +306,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
-    device = torch.device(args.device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     preset = PRESETS[args.preset]
 
     def autocast():
@@ -335,21 +319,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     results: dict = {
         "preset": args.preset, "machine": machine_name(device), "device": device.type, "dtype": dtype_name,
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "load_average_start": os.getloadavg(), "model": asdict(model.config), "params": model.get_num_params(),
+        "model": asdict(model.config), "params": model.get_num_params(),
     }
     print(f"machine: {results['machine']} | torch {torch.__version__} | transformers {transformers.__version__}"
           f" | {results['threads']} threads | {device.type} {dtype_name}")
-    load = results["load_average_start"]
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load)}")
-    if device.type == "cpu" and load[0] > 0.5 * (os.cpu_count() or 1):
-        print("warning: the machine is busy; absolute numbers will be low and noisy, the ratios hold better")
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
     results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
     results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
     results.update(bench_generation(model, preset, device, autocast))
     results.update(bench_kv_cache(shakespeare_model(args.out_dir, device), preset, device, autocast))
-    results["load_average_end"] = os.getloadavg()
     print_table(results, preset)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,44 +1,31 @@
 """Checkpoint files: atomic saves, safe loads, and the model and tokenizer a checkpoint describes.
 
 A checkpoint is a dict with nanoGPT's keys (model, optimizer, model_args, iter_num, best_val_loss,
-config) plus `tokenizer`: the meta.json of the data set it was trained on, so that sampling needs
-nothing but the checkpoint.
+config) plus `tokenizer`: the tokenizer entries of the training data's meta.json (tokenizer.py), so
+that sampling needs nothing but the checkpoint.
 """
-import os
+
 from pathlib import Path
-from typing import Union
 
 import torch
 
-from data.common import Tokenizer, get_tokenizer
 from model import GPT, GPTConfig
+from runtime import PathLike, UserError, atomic_write
+from tokenizer import Tokenizer, get_tokenizer
 
 CKPT_NAME = "ckpt.pt"
-PathLike = Union[str, Path]
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or inconsistent; the message says which and why."""
 
 
 def save_checkpoint(checkpoint: dict, path: PathLike) -> None:
-    """Write to a temporary file, fsync, then rename over path: a crash at any moment leaves either
-    the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    tmp_path = path.with_name(path.name + ".tmp")
-    with open(tmp_path, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Atomic: a crash at any moment leaves either the old checkpoint or the new one, never a torn file."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> dict:
+def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
     """Load with weights_only=True: a checkpoint cannot run code when it is opened."""
     path = Path(path)
     if not path.is_file():
@@ -71,7 +58,9 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
     return model
 
 
-def load_model_and_tokenizer(out_dir: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[GPT, Tokenizer, dict]:
+def load_model_and_tokenizer(
+    out_dir: PathLike, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer, dict]:
     """The model (in eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt."""
     path = Path(out_dir) / CKPT_NAME
     checkpoint = load_checkpoint(path, device)

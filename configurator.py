@@ -1,4 +1,4 @@
-"""The one config parser shared by train.py, sample.py and bench.py.
+"""The one config parser shared by train.py, sample.py and bench.py (which reads the main job's config).
 
 Each CLI declares its defaults as a dataclass. Arguments apply strictly left to right, later ones
 overriding earlier ones: a config file (a Python file of plain assignments) sets every key it
@@ -9,8 +9,6 @@ assigns, a --key=value flag sets one key. So the nanoGPT habit works:
 Unlike nanoGPT's configurator (exec into module globals), every key is checked against the
 dataclass: unknown keys get a did-you-mean suggestion and values are type-checked.
 """
-from __future__ import annotations
-
 import ast
 import dataclasses
 import difflib
@@ -22,15 +20,15 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runtime import ConfigError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad config file or flag; the message is written for the person at the terminal."""
-
-
-def parse_config(defaults: T, argv: list[str], prog: str = "", description: str = "") -> T:
-    """Return a copy of the dataclass `defaults` with the config files and flags in argv applied."""
+def parse_config(defaults: T, argv: list[str] | None = None, prog: str = "", description: str = "") -> T:
+    """Return a copy of the dataclass `defaults` with the config files and flags in argv (default:
+    sys.argv[1:]) applied. --help prints the keys and exits 0; bad input raises ConfigError (exit 2)."""
+    argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(usage(defaults, prog, description))
         sys.exit(0)
@@ -49,15 +47,6 @@ def parse_config(defaults: T, argv: list[str], prog: str = "", description: str 
                 _check_known(key, hints, arg)
                 overrides[key] = _check_type(key, value, hints[key], arg)
     return dataclasses.replace(defaults, **overrides)
-
-
-def cli_config(defaults: T, argv: list[str] | None = None, prog: str = "", description: str = "") -> T:
-    """parse_config for a CLI's main: sys.argv[1:] by default; a ConfigError exits 2 without a traceback."""
-    try:
-        return parse_config(defaults, sys.argv[1:] if argv is None else argv, prog, description)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def usage(defaults: Any, prog: str = "", description: str = "") -> str:

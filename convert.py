@@ -9,24 +9,21 @@ between Meta's original checkpoints (interleaved pairs) and HF; it has no place 
 """
 import argparse
 import json
-import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CKPT_NAME, CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import CKPT_NAME, clean_state_dict, load_checkpoint, save_checkpoint
 from model import GPTConfig
+from runtime import DTYPES, UserError, atomic_write, exit_on_error
 
-TOKENIZER_KEY = "nanogpt_tokenizer"  # our data set's meta.json, kept in config.json so import restores it
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_KEY = "nanogpt_tokenizer"  # our checkpoint's tokenizer entry, kept in config.json so import restores it
 Layout = list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """An input we cannot convert faithfully; the message says what is wrong and what to do."""
 
 
@@ -189,14 +186,7 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
     return ckpt_path
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write beside path, then rename over it: a reader never sees a half-written file."""
-    tmp_path = path.with_name(path.name + ".tmp")
-    write(tmp_path)
-    os.replace(tmp_path, path)
-
-
-def export_hf(out_dir: Path, hf_dir: Path, dtype: Optional[torch.dtype] = None) -> None:
+def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json and model.safetensors for out_dir/ckpt.pt into hf_dir (dtype: as stored by default)."""
     checkpoint = load_checkpoint(Path(out_dir) / CKPT_NAME)
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
@@ -205,10 +195,11 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: Optional[torch.dtype] = None) 
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     tensors = to_hf(state_dict, config, dtype)
-    replace_file(hf_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    # save_file writes by name: into the temporary file atomic_write opened, which it then fsyncs.
+    atomic_write(hf_dir / "model.safetensors", lambda f: save_file(tensors, f.name, metadata={"format": "pt"}))
     # config.json last: transformers treats the directory as a model only once it is there.
     config_json = json.dumps(hf_config(config, dtype, tokenizer), indent=2) + "\n"
-    replace_file(hf_dir / "config.json", lambda p: p.write_text(config_json))
+    atomic_write(hf_dir / "config.json", lambda f: f.write(config_json.encode("utf-8")))
     kind = tokenizer.get("tokenizer")
     notes = {
         "char": f"our own character table, kept in config.json under {TOKENIZER_KEY!r}; transformers has no "
@@ -221,7 +212,7 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: Optional[torch.dtype] = None) 
     print(f"tokenizer: {notes.get(kind, 'none recorded in the checkpoint')}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="our checkpoint -> a Hugging Face Llama directory")
@@ -233,14 +224,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     imp.add_argument("out_dir", type=Path, help="directory to write ckpt.pt into")
     imp.add_argument("--dtype", choices=DTYPES, default="float32", help="tensor dtype in ckpt.pt (default: float32)")
     imp.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
-    args = parser.parse_args(argv)
-    try:
+    args = parser.parse_args(argv)  # a bad argument exits 2, as a bad flag does in every CLI here
+
+    def run() -> None:
         if args.command == "export":
             export_hf(args.out_dir, args.hf_dir, DTYPES.get(args.dtype))
         else:
             import_hf(args.hf_dir, args.out_dir, DTYPES[args.dtype], args.force)
-    except (ConvertError, CheckpointError) as e:
-        sys.exit(f"convert.py: error: {e}")
+
+    exit_on_error(run)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,18 @@
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 """
 import codecs
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Optional
 
 import torch
 
-from checkpoint import CheckpointError, load_model_and_tokenizer
-from configurator import cli_config
-from data.common import DataError, Tokenizer
+from checkpoint import load_model_and_tokenizer
+from configurator import parse_config
 from model import GPT
+from runtime import ConfigError, UserError, exit_on_error, pick_device, pick_dtype
+from tokenizer import Tokenizer
 
 DESCRIPTION = """Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
 
@@ -33,10 +32,9 @@ Prompts (start):
               tokens, and a note says so on stderr
   characters outside a character-level vocabulary: an error naming them
 A missing, corrupt or tokenizer-less checkpoint is an error. An error prints a message on stderr,
-no traceback, and exits with status 1 (2 for an unknown key or a bad value)."""
+no traceback, and exits with status 1 (2 for an unknown key or a bad value, as in every CLI here)."""
 
 SEPARATOR = "-" * 40
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -46,17 +44,12 @@ class SampleConfig:
     num_samples: int = 1  # samples generated together, as one batch
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 0 is greedy; below 1 sharpens the distribution, above 1 flattens it
-    top_k: Optional[int] = 200  # sample only among the k most likely tokens; None for all
-    top_p: Optional[float] = None  # sample only within the smallest set of probability >= top_p; None for all
+    top_k: int | None = 200  # sample only among the k most likely tokens; None for all
+    top_p: float | None = None  # sample only within the smallest set of probability >= top_p; None for all
     seed: int = 1337  # the same seed, checkpoint, prompt and device give the same samples
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA if supported, else float32), float32, bfloat16 or float16
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 where bf16 is unsupported, else float32) or one of those
     compile: bool = False  # torch.compile the model: a slow first token, faster ones after
-
-
-def fail(message: str, status: int = 1) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
 
 
 def check_values(cfg: SampleConfig) -> None:
@@ -66,30 +59,10 @@ def check_values(cfg: SampleConfig) -> None:
         (cfg.temperature >= 0, f"temperature must be 0 (greedy) or more, got {cfg.temperature}"),
         (cfg.top_k is None or cfg.top_k >= 1, f"top_k must be at least 1 or None, got {cfg.top_k}"),
         (cfg.top_p is None or 0 < cfg.top_p <= 1, f"top_p must be in (0, 1] or None, got {cfg.top_p}"),
-        (cfg.dtype == "auto" or cfg.dtype in DTYPES, f"dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype!r}"),
     ]
     for ok, message in checks:
         if not ok:
-            fail(message, status=2)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps", status=2)
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, True):
-        fail(f"device {name!r} is not available on this machine; use --device=auto or --device=cpu", status=2)
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+            raise ConfigError(message)
 
 
 def read_prompt(start: str) -> str:
@@ -99,16 +72,16 @@ def read_prompt(start: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
-        fail(f"cannot read the prompt file {path}: {e.strerror or e}")
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        fail(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+        raise UserError(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
     try:
         ids = tokenizer.encode(text)
     except ValueError as e:  # a character-level vocabulary lacks some of the prompt's characters
-        fail(f"the prompt has {e}; a character-level model can read no others")
+        raise UserError(f"the prompt has {e}; a character-level model can read no others") from None
     if ids:  # even for "", a tokenizer may add its own start token (Hugging Face Llama: BOS)
         return ids
     if tokenizer.eot_token is not None:  # start where a document starts
@@ -116,8 +89,9 @@ def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
     try:
         return tokenizer.encode("\n")
     except ValueError:
-        fail("an empty prompt starts from a newline, which this character-level vocabulary lacks; "
-             "pass --start=TEXT")
+        raise UserError(
+            "an empty prompt starts from a newline, which this character-level vocabulary lacks; pass --start=TEXT"
+        ) from None
 
 
 def generate_and_print(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], prompt_text: str,
@@ -148,31 +122,28 @@ def generate_and_print(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], 
           f"{n_tokens / elapsed:.1f} tokens/s, time to first token {first_token_s * 1000:.0f} ms", file=sys.stderr)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    cfg = cli_config(SampleConfig(), argv, prog="sample.py", description=DESCRIPTION)
+def sample(cfg: SampleConfig) -> None:
     check_values(cfg)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg.start)
-    try:
-        model, tokenizer, _ = load_model_and_tokenizer(cfg.out_dir, device)
-    except (CheckpointError, DataError, ValueError) as e:  # ValueError: an unknown tokenizer or bad model_args
-        fail(str(e))
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.out_dir, device)
     prompt_ids = encode_prompt(prompt_text, tokenizer)
     block_size = model.config.block_size
     if len(prompt_ids) > block_size:
-        print(f"note: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "
-              f"the model sees only its last {block_size} tokens", file=sys.stderr)
+        print(
+            f"note: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "
+            f"the model sees only its last {block_size} tokens",
+            file=sys.stderr,
+        )
     if cfg.compile:
         model.compile()  # in place, so the calls generate_tokens makes to the model run compiled
     generate_and_print(model, tokenizer, prompt_ids, prompt_text, cfg, device, dtype)
 
 
+def main(argv: list[str] | None = None) -> None:
+    exit_on_error(lambda: sample(parse_config(SampleConfig(), argv, prog="sample.py", description=DESCRIPTION)))
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails again
-        sys.exit(1)
+    main()

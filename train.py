@@ -8,17 +8,20 @@ Writes out_dir/ckpt.pt, out_dir/config.json and out_dir/metrics.jsonl. Every ran
 training micro-step (its batch windows and its dropout masks) is derived from (seed, iteration,
 global micro-step index): a resumed run repeats the uninterrupted one exactly, and N processes
 train on the same global batches as one process.
+
+Reading order: the config, the data, setup (model, optimizer, resume), the training loop and its
+steps, evaluation-only, and train() / main(), which tie them together.
 """
+
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -26,10 +29,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from configurator import cli_config
-from data.common import load_meta
+from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import parse_config
 from model import GPT, GPTConfig
+from runtime import ConfigError, UserError, datasheet_peak_flops, exit_on_error, pick_device, pick_dtype, print0, world
+from tokenizer import tokenizer_entry
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -50,14 +54,14 @@ class TrainConfig:
     wandb_run_name: str = "run"
     # data
     dataset: str = "openwebtext"  # a prepared folder under the repo's data/
-    data_dir: Optional[str] = None  # any prepared folder instead of data/<dataset>
+    data_dir: str | None = None  # any prepared folder instead of data/<dataset>
     batch_size: int = 12  # sequences per micro-step in each process
     block_size: int = 1024  # tokens per sequence, and the model's context length
     gradient_accumulation_steps: int = 40  # micro-steps per iteration, all processes together
     # model: from scratch only; a loaded checkpoint brings its own shape
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: Optional[int] = None  # key/value heads; None = n_head
+    n_kv_head: int | None = None  # key/value heads; None = n_head
     n_embd: int = 768
     dropout: float = 0.0
     # AdamW, with linear warmup then cosine decay to min_lr
@@ -68,127 +72,59 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     warmup_iters: int = 2000
-    lr_decay_iters: Optional[int] = None  # where the decay reaches min_lr; None = max_iters
+    lr_decay_iters: int | None = None  # where the decay reaches min_lr; None = max_iters
     min_lr: float = 6e-5
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda:1'
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 if unsupported), else float32; or one of those
-    compile: Optional[bool] = None  # torch.compile the model; None = only on CUDA
+    compile: bool | None = None  # torch.compile the model; None = only on CUDA
     seed: int = 1337
-
-
-class TrainError(Exception):
-    """Bad input for a run, explained for the person at the terminal."""
 
 
 # TrainConfig keys that are also GPTConfig fields: the model's shape.
 SHAPE_KEYS = ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
 
 
-def world() -> tuple[int, int]:
-    """(rank, world_size) of this process: (0, 1) when not started by torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """Values no run can use, refused before any work (exit code 2)."""
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
+            f"{world_size} processes and must be a multiple of {world_size}"
+        )
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+# --- data -----------------------------------------------------------------------------------------
 
 
-def say(message: str) -> None:
-    """Print on rank 0 only, above the progress bar, flushed so that a piped log shows it at once."""
-    if world()[0] == 0:
-        tqdm.write(message)
-        sys.stdout.flush()
-
-
-def pick_device(requested: str, local_rank: Optional[int]) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise TrainError(f"device={requested!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'mps'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device={requested!r} but CUDA is not available here; use --device=cpu")
-    if device.type == "cuda" and local_rank is not None:  # one GPU per torchrun process
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        if device.type != "cuda":
-            return torch.float32  # bf16 matmuls are far slower than fp32 on most CPUs
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if requested not in DTYPES:
-        raise TrainError(f"dtype={requested!r}: use 'auto' or one of {', '.join(DTYPES)}")
-    if requested == "float16" and device.type != "cuda":
-        raise TrainError(f"dtype='float16' needs CUDA (for its gradient scaler); on {device.type} use bfloat16")
-    return DTYPES[requested]
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """BPE-sized vocabularies are padded up to a multiple of 64 for faster matmuls (GPT-2: 50257 ->
-    50304); a small character vocabulary stays exact, where padding would add mostly unused rows."""
-    return 64 * math.ceil(vocab_size / 64) if vocab_size >= 1024 else vocab_size
-
-
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    try:
-        return GPTConfig(vocab_size=vocab_size, dropout=cfg.dropout, **{k: getattr(cfg, k) for k in SHAPE_KEYS})
-    except ValueError as e:
-        raise TrainError(f"bad model shape: {e}") from None
-
-
-def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, Optional[dict], TrainConfig]:
-    """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
-    shape keys set to the model's. Resuming needs the run's own shape; any other load takes the
-    checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice."""
-    wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
-    if cfg.init_from == "scratch":
-        return GPT(wanted), None, cfg
-    path = Path(cfg.out_dir) / CKPT_NAME if cfg.init_from == "resume" else Path(cfg.init_from)
-    if cfg.init_from != "resume" and not path.exists():
-        raise TrainError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder")
-    if path.is_dir():
-        path = path / CKPT_NAME
-    checkpoint = load_checkpoint(path)
-    if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
-        checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
-    model = model_from_checkpoint(checkpoint)
-    loaded = model.config
-    if cfg.init_from == "resume" and not cfg.eval_only:
-        wanted_args = asdict(wanted)
-        diffs = [f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]]
-        if diffs:
-            raise TrainError(
-                f"cannot resume {path}: its model has {', '.join(diffs)}. Resume with the run's own config "
-                "(e.g. the same config file), or start a new run in another out_dir"
-            )
-    else:
-        changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
-        if changed:
-            shape = ", ".join(f"{k}={v}" for k, v in changed.items())
-            say(f"note: the model's shape comes from {path}: {shape} (the config's values are ignored)")
-        cfg = replace(cfg, **changed)
-        if meta["vocab_size"] > loaded.vocab_size:
-            raise TrainError(
-                f"the data set's vocabulary ({meta['vocab_size']:,} tokens) is larger than the model's "
-                f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
-            )
-    return model, checkpoint, cfg
+def load_meta(data_dir: Path) -> dict:
+    """The meta.json of a prepared data set (written last by its prepare script)."""
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        script = REPO_DIR / "data" / data_dir.name / "prepare.py"
+        command = (
+            f"python data/{data_dir.name}/prepare.py"
+            if script.is_file()
+            else f"python data/<name>/prepare.py --out_dir {data_dir}"
+        )
+        raise UserError(
+            f"{path} not found: the data set is not prepared (or its preparation did not finish); run {command}"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
     for split in ("train", "val"):
         n_tokens = meta[f"{split}_tokens"]
         if n_tokens <= block_size:
-            raise TrainError(
+            raise UserError(
                 f"block_size={block_size} does not fit the {split} split of {data_dir} ({n_tokens:,} tokens): "
                 "lower block_size or use a larger data set"
             )
@@ -201,12 +137,13 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def get_batch(path: Path, dtype: str, rng: np.random.Generator, batch_size: int, block_size: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    path: Path, token_dtype: str, rng: np.random.Generator, batch_size: int, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size random windows of the token file: inputs and their next tokens, each (B, block_size)."""
     # Opened anew for every batch: a long-lived np.memmap keeps every page it has read referenced,
     # so on a corpus of many GB the process's memory would keep growing.
-    data = np.memmap(path, dtype=dtype, mode="r")
+    data = np.memmap(path, dtype=token_dtype, mode="r")
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     x = np.stack([data[s : s + block_size] for s in starts]).astype(np.int64)
     y = np.stack([data[s + 1 : s + 1 + block_size] for s in starts]).astype(np.int64)
@@ -214,30 +151,14 @@ def get_batch(path: Path, dtype: str, rng: np.random.Generator, batch_size: int,
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, cfg: TrainConfig, data_dir: Path, dtype: str, device: torch.device,
-                  autocast: ContextManager) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split, shared out among the processes. The batches
-    are the same at every evaluation, so successive evaluations differ only by the model."""
-    rank, world_size = world()
-    was_training = model.training
-    model.eval()
-    losses = {}
-    for split_index, split in enumerate(("train", "val")):
-        total = torch.zeros((), device=device)
-        for k in range(rank, cfg.eval_iters, world_size):
-            rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
-            x, y = get_batch(data_dir / f"{split}.bin", dtype, rng, cfg.batch_size, cfg.block_size, device)
-            with autocast:
-                _, loss = model(x, y)
-            total += loss.float()
-        losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
-    model.train(was_training)
-    return losses
-
-
-@torch.no_grad()
-def full_val_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
-                  device: torch.device, autocast: Optional[ContextManager] = None) -> float:
+def full_val_loss(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+) -> float:
     """Mean loss over every token of tokens but the first, each predicted once: consecutive,
     non-overlapping windows of block_size, batched and shared out among the processes. The last
     window is padded, its padding ignored, so every batch has one shape (no recompiling)."""
@@ -260,114 +181,120 @@ def full_val_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, b
     return all_reduce_sum(total).item() / n_targets
 
 
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
-def metrics_logger(cfg: TrainConfig, append: bool) -> Callable[[dict], None]:
-    """A function appending a record to out_dir/metrics.jsonl (and wandb) on rank 0; a no-op elsewhere."""
-    if world()[0] != 0:
-        return lambda record: None
-    path = Path(cfg.out_dir) / "metrics.jsonl"
-    if not append:
-        path.write_text("")
-    run = None
-    if cfg.wandb_log:
-        import wandb  # only when asked for: it is slow to import
-
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir)
-
-    def log(record: dict) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if run is not None:
-            run.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
-
-    return log
+# --- setup: model, optimizer, resume ----------------------------------------------------------------
 
 
-_stop_signal = 0  # set by the SIGTERM / SIGINT handler; the loop stops after the current iteration
+def padded_vocab_size(vocab_size: int) -> int:
+    """BPE-sized vocabularies are padded up to a multiple of 64 for faster matmuls (GPT-2: 50257 ->
+    50304); a small character vocabulary stays exact, where padding would add mostly unused rows."""
+    return 64 * math.ceil(vocab_size / 64) if vocab_size >= 1024 else vocab_size
 
 
-def request_stop(signum: int, frame) -> None:
-    global _stop_signal
-    if _stop_signal:  # a second signal: stop at once, unsaved (saves are atomic, the last one is intact)
-        raise KeyboardInterrupt
-    _stop_signal = signum
-    if world()[0] == 0:
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again to abort now)",
-              file=sys.stderr, flush=True)
-
-
-def agreed_stop_signal(group: Optional[dist.ProcessGroup]) -> int:
-    """The stop signal if any process has received one, else 0. Processes get a signal at slightly
-    different moments; agreeing after every iteration makes them all stop after the same one. The
-    group is gloo, on the CPU, so this never waits for the GPU."""
-    flag = torch.tensor(_stop_signal)
-    if group is not None:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag)
-
-
-def check_finite(loss: float, what: str, iter_num: int) -> None:
-    if not math.isfinite(loss):
-        raise TrainError(
-            f"{what} is {loss} at iter {iter_num}: training diverged, so it stops here and the last good "
-            "checkpoint is left as it was. Try a lower learning_rate, a longer warmup_iters or grad_clip"
-        )
-
-
-def train(cfg: TrainConfig) -> int:
-    """Train (or, with eval_only, evaluate) as cfg says; returns the process exit code."""
-    global _stop_signal
-    _stop_signal = 0
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    ddp = "RANK" in os.environ  # started by torchrun
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     try:
-        device = pick_device(cfg.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
-        stop_group = None
-        if ddp:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            stop_group = dist.new_group(backend="gloo")
-        return run(cfg, device, stop_group)
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if ddp and dist.is_initialized():
-            dist.destroy_process_group()
+        return GPTConfig(vocab_size=vocab_size, dropout=cfg.dropout, **{k: getattr(cfg, k) for k in SHAPE_KEYS})
+    except ValueError as e:
+        raise ConfigError(f"bad model shape: {e}") from None
 
 
-def run(cfg: TrainConfig, device: torch.device, stop_group: Optional[dist.ProcessGroup]) -> int:
-    rank, world_size = world()
-    master = rank == 0
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, key) < 1:
-            raise TrainError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.gradient_accumulation_steps % world_size:
-        raise TrainError(
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
-            f"{world_size} processes and must be a multiple of {world_size}"
+def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainConfig]:
+    """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
+    shape keys set to the model's. Resuming needs the run's own shape; any other load takes the
+    checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice."""
+    wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
+    if cfg.init_from == "scratch":
+        return GPT(wanted), None, cfg
+    path = Path(cfg.out_dir) / CKPT_NAME if cfg.init_from == "resume" else Path(cfg.init_from)
+    if cfg.init_from != "resume" and not path.exists():
+        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder")
+    if path.is_dir():
+        path = path / CKPT_NAME
+    checkpoint = load_checkpoint(path)
+    if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
+        checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
+    model = model_from_checkpoint(checkpoint)
+    loaded = model.config
+    if cfg.init_from == "resume" and not cfg.eval_only:
+        wanted_args = asdict(wanted)
+        diffs = [f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]]
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {path}: its model has {', '.join(diffs)}. Resume with the run's own config "
+                "(e.g. the same config file), or start a new run in another out_dir"
+            )
+        return model, checkpoint, cfg
+    changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
+    if changed:
+        shape = ", ".join(f"{k}={v}" for k, v in changed.items())
+        print0(f"note: the model's shape comes from {path}: {shape} (the config's values are ignored)")
+    if meta["vocab_size"] > loaded.vocab_size:
+        raise UserError(
+            f"the data set's vocabulary ({meta['vocab_size']:,} tokens) is larger than the model's "
+            f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
         )
-    local_steps = cfg.gradient_accumulation_steps // world_size
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
+    return model, checkpoint, replace(cfg, **changed)
+
+
+class MetricsLog:
+    """Appends records to out_dir/metrics.jsonl, and to wandb when asked; on rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig, append: bool):
+        self.path, self.wandb_run = None, None
+        if world()[0] != 0:
+            return
+        self.path = Path(cfg.out_dir) / "metrics.jsonl"
+        if not append:
+            self.path.write_text("")
+        if cfg.wandb_log:
+            import wandb  # only when asked for: it is slow to import
+
+            self.wandb_run = wandb.init(
+                project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir
+            )
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+
+
+@dataclass
+class Run:
+    """Everything a run needs after setup; iter_num and best_val_loss advance as it trains."""
+
+    cfg: TrainConfig
+    device: torch.device
+    autocast: AbstractContextManager  # bf16/fp16 autocast, or a no-op for float32
+    data_dir: Path
+    meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
+    raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
+    model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
+    train_model: torch.nn.Module  # model, wrapped in DDP when there are several processes: training calls this
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # active for float16 only
+    metrics: MetricsLog
+    stop_group: dist.ProcessGroup | None  # gloo group that agrees on stop signals
+    local_steps: int  # micro-steps per iteration in this process
+    resumed: bool  # continuing the run in out_dir
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+
+
+def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup | None) -> Run:
+    """Data, model, optimizer and the state a resumed run continues from; prints what was set up."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_DIR / "data" / cfg.dataset
-    try:
-        meta = load_meta(data_dir)
-    except FileNotFoundError as e:
-        raise TrainError(str(e)) from None
+    meta = load_meta(data_dir)
     dtype = pick_dtype(cfg.dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in float32
-
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
@@ -379,128 +306,316 @@ def run(cfg: TrainConfig, device: torch.device, stop_group: Optional[dist.Proces
     if checkpoint is not None and (resumed or cfg.eval_only):
         iter_num = checkpoint["iter_num"]
     if resumed:
-        if "optimizer" not in checkpoint:
-            raise TrainError(
-                f"{out_dir / CKPT_NAME} has no optimizer state to resume; start from its weights: --init_from={out_dir}"
-            )
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        best_val_loss = checkpoint["best_val_loss"]
+        best_val_loss = restore_training_state(cfg, checkpoint, optimizer, scaler)
     del checkpoint  # the weights now live in the model and optimizer
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
+    world_size = world()[1]
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
+    run = Run(
+        cfg=cfg,
+        device=device,
+        autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+        data_dir=data_dir,
+        meta=meta,
+        raw_model=raw_model,
+        model=model,
+        train_model=ddp_model or model,
+        optimizer=optimizer,
+        scaler=scaler,
+        metrics=open_out_dir(cfg, append=resumed or cfg.eval_only),
+        stop_group=stop_group,
+        local_steps=cfg.gradient_accumulation_steps // world_size,
+        resumed=resumed,
+        iter_num=iter_num,
+        best_val_loss=best_val_loss,
+    )
+    print_setup(run, dtype)
+    return run
 
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.compile is None else cfg.compile
+
+
+def restore_training_state(
+    cfg: TrainConfig, checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> float:
+    """Load what resuming continues besides the weights (optimizer and gradient-scaler state);
+    returns the run's best val loss so far."""
+    if "optimizer" not in checkpoint:
+        raise UserError(
+            f"{Path(cfg.out_dir) / CKPT_NAME} has no optimizer state to resume; "
+            f"start from its weights: --init_from={cfg.out_dir}"
+        )
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler.is_enabled() and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["best_val_loss"]
+
+
+def open_out_dir(cfg: TrainConfig, append: bool) -> MetricsLog:
+    """Create out_dir and record the run's config in config.json (rank 0), and open its metrics log."""
+    if world()[0] == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if not cfg.eval_only:
-            (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    log = metrics_logger(cfg, append=resumed or cfg.eval_only)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    say("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()))
-    say(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per iteration "
-        f"({world_size} process(es) x {local_steps} micro-steps x {cfg.batch_size} x {cfg.block_size}); "
-        f"device {device}, {str(dtype).removeprefix('torch.')}, compile {use_compile}")
+            (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return MetricsLog(cfg, append)
 
-    def save(iter_num: int, best_val_loss: float) -> None:
-        if master:
-            save_checkpoint({
-                "model": raw_model.state_dict(),  # unwrapped: loads without compile or DDP
-                "optimizer": optimizer.state_dict(),
-                "model_args": asdict(raw_model.config),
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "config": asdict(cfg),
-                "tokenizer": meta,
-                "scaler": scaler.state_dict(),
-            }, out_dir / CKPT_NAME)
 
-    def global_loss(loss_sum: torch.Tensor) -> float:
-        """This iteration's mean micro-step loss over all processes (waits for the device)."""
-        return all_reduce_sum(loss_sum / local_steps).item() / world_size
+def print_setup(run: Run, dtype: torch.dtype) -> None:
+    cfg, world_size = run.cfg, world()[1]
+    peak = datasheet_peak_flops(run.device)
+    mfu_basis = f"{peak[0]}'s dense bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s" if peak else "n/a: no known peak"
+    print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()))
+    print0(
+        f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter(cfg):,} tokens per iteration "
+        f"({world_size} process(es) x {run.local_steps} micro-steps x {cfg.batch_size} x {cfg.block_size}); "
+        f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
+        f"mfu: {mfu_basis}"
+    )
 
-    train_bin = data_dir / "train.bin"
-    start_iter, stop_signal, loss_sum = iter_num, 0, None
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
-    t_log, iter_log = time.time(), iter_num
+
+def tokens_per_iter(cfg: TrainConfig) -> int:
+    return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+
+# --- the training loop ------------------------------------------------------------------------------
+
+
+def train_loop(run: Run) -> int:
+    """Evaluate every eval_interval (saving when val loss improves), train an iteration, log every
+    log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
+    cfg = run.cfg
+    first_iter, stop_signal, loss_sum = run.iter_num, 0, None
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not (world()[0] == 0 and sys.stderr.isatty()))
+    clock = (time.time(), run.iter_num)  # when the last log line (or evaluation) ended, and at which iteration
     while True:
-        evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
-        if evaluate and not (resumed and iter_num == start_iter):  # a resumed run's first point was evaluated already
-            losses = estimate_loss(model, cfg, data_dir, meta["dtype"], device, autocast)
-            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
-            check_finite(losses["val"], "the val loss", iter_num)
-            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and not cfg.eval_only:
-                    save(iter_num, best_val_loss)
-            t_log, iter_log = time.time(), iter_num  # evaluation time is not training time
-        if iter_num >= cfg.max_iters or stop_signal or cfg.eval_only:
+        due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+        if due and not (run.resumed and run.iter_num == first_iter):  # a resumed run's first point was evaluated
+            val_loss = evaluate(run)
+            if val_loss < run.best_val_loss or cfg.always_save_checkpoint:
+                run.best_val_loss = min(run.best_val_loss, val_loss)
+                if run.iter_num > 0:
+                    save(run)
+            clock = (time.time(), run.iter_num)  # evaluation time is not training time
+        if run.iter_num >= cfg.max_iters or stop_signal:
             break
 
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(local_steps):
-            rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, iter_num, rank * local_steps + micro_step])
-            torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
-            x, y = get_batch(train_bin, meta["dtype"], rng, cfg.batch_size, cfg.block_size, device)
-            # Gradients are averaged across processes only in the last micro-step's backward.
-            with train_model.no_sync() if world_size > 1 and micro_step < local_steps - 1 else nullcontext():
-                with autocast:
-                    loss = train_model(x, y)[1]  # not holding the logits frees them before backward
-                scaler.scale(loss / local_steps).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+        lr = get_lr(run.iter_num, cfg)
+        loss_sum = train_step(run, lr)
+        run.iter_num += 1
         bar.update()
-
-        if iter_num % cfg.log_interval == 0:
-            loss_value = global_loss(loss_sum)
-            check_finite(loss_value, "the training loss", iter_num)
-            dt = (time.time() - t_log) / (iter_num - iter_log)
-            t_log, iter_log = time.time(), iter_num
-            mfu = raw_model.estimate_mfu(cfg.batch_size * local_steps, dt)
-            tokens_per_s = tokens_per_iter / dt
-            say(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}")
-            log({"iter": iter_num, "loss": loss_value, "lr": lr, "ms_per_iter": dt * 1000,
-                 "tokens_per_s": tokens_per_s, "mfu": mfu})
-            bar.set_postfix_str(f"loss {loss_value:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
-        stop_signal = agreed_stop_signal(stop_group)
+        if run.iter_num % cfg.log_interval == 0:
+            clock = log_progress(run, loss_sum, lr, clock, bar)
+        stop_signal = agreed_stop_signal(run.stop_group)
     bar.close()
 
     if stop_signal:
         if loss_sum is not None:  # never replace a good checkpoint with diverged weights
-            check_finite(global_loss(loss_sum), "the training loss", iter_num)
-        save(iter_num, best_val_loss)
-        say(f"stopped by {signal.Signals(stop_signal).name} at iter {iter_num}: saved {out_dir / CKPT_NAME}; "
-            "continue with --init_from=resume")
+            check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
+        save(run)
+        print0(
+            f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved "
+            f"{Path(cfg.out_dir) / CKPT_NAME}; continue with --init_from=resume"
+        )
         return 128 + stop_signal  # the shell's code for death by that signal: the run did not finish
     if cfg.eval_full:
-        t0 = time.time()
-        val_tokens = np.memmap(data_dir / "val.bin", dtype=meta["dtype"], mode="r")
-        loss_full = full_val_loss(model, val_tokens, cfg.block_size, cfg.batch_size, device, autocast)
-        say(f"iter {iter_num}: full val loss {loss_full:.4f} (every val token once, {time.time() - t0:.1f}s)")
-        log({"iter": iter_num, "val_loss_full": loss_full})
+        evaluate_full(run)
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    cfg = cli_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One iteration: this process's micro-steps of forward and backward, then one optimizer step.
+    Returns the sum of its micro-step losses, left on the device (reading it waits for the device)."""
+    cfg, rank = run.cfg, world()[0]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro_step in range(run.local_steps):
+        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step])
+        torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
+        x, y = get_batch(run.data_dir / "train.bin", run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
+        # Gradients are averaged across processes only in the last micro-step's backward.
+        sync_now = micro_step == run.local_steps - 1 or not isinstance(run.train_model, DDP)
+        with nullcontext() if sync_now else run.train_model.no_sync():
+            with run.autocast:
+                loss = run.train_model(x, y)[1]  # not holding the logits frees them before backward
+            run.scaler.scale(loss / run.local_steps).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def global_loss(run: Run, loss_sum: torch.Tensor) -> float:
+    """An iteration's mean micro-step loss over all processes (waits for the device)."""
+    return all_reduce_sum(loss_sum / run.local_steps).item() / world()[1]
+
+
+def log_progress(run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float, int], bar: tqdm) -> tuple[float, int]:
+    """Log the last iteration's loss and the speed since `since` (time, iteration); returns the new clock."""
+    loss = global_loss(run, loss_sum)  # waits for the device, so the time below is real
+    check_finite(loss, "the training loss", run.iter_num)
+    now = time.time()
+    dt = (now - since[0]) / (run.iter_num - since[1])
+    tokens_per_s = tokens_per_iter(run.cfg) / dt
+    peak = datasheet_peak_flops(run.device)
+    # Per device: this process's tokens against one device's peak.
+    mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
+    print0(
+        f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, "
+        f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+    )
+    run.metrics.write(
+        {"iter": run.iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
+    )
+    bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
+    return now, run.iter_num
+
+
+def check_finite(loss: float, what: str, iter_num: int) -> None:
+    if not math.isfinite(loss):
+        raise UserError(
+            f"{what} is {loss} at iter {iter_num}: training diverged, so it stops here and the last good "
+            "checkpoint is left as it was. Try a lower learning_rate, a longer warmup_iters or grad_clip"
+        )
+
+
+def save(run: Run) -> None:
+    """out_dir/ckpt.pt, written by rank 0 (every process holds the same weights)."""
+    if world()[0] != 0:
+        return
+    checkpoint = {
+        "model": run.raw_model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "model_args": asdict(run.raw_model.config),
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val_loss,
+        "config": asdict(run.cfg),
+        "tokenizer": tokenizer_entry(run.meta),
+        "scaler": run.scaler.state_dict(),
+    }
+    save_checkpoint(checkpoint, Path(run.cfg.out_dir) / CKPT_NAME)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_loss(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split, shared out among the processes. The batches
+    are the same at every evaluation, so successive evaluations differ only by the model."""
+    cfg, (rank, world_size) = run.cfg, world()
+    run.model.eval()
+    losses = {}
+    for split_index, split in enumerate(("train", "val")):
+        total = torch.zeros((), device=run.device)
+        for k in range(rank, cfg.eval_iters, world_size):
+            rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
+            path = run.data_dir / f"{split}.bin"
+            x, y = get_batch(path, run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
+            with run.autocast:
+                _, loss = run.model(x, y)
+            total += loss.float()
+        losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
+    run.model.train()
+    return losses
+
+
+def evaluate(run: Run) -> float:
+    """Estimate, print and log the train and val losses; returns the val loss, which must be finite."""
+    losses = estimate_loss(run)
+    print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    run.metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+    check_finite(losses["val"], "the val loss", run.iter_num)
+    return losses["val"]
+
+
+def evaluate_full(run: Run) -> None:
+    """The loss over the whole val split, every token once: the number to compare runs by."""
+    t0 = time.time()
+    val_tokens = np.memmap(run.data_dir / "val.bin", dtype=run.meta["dtype"], mode="r")
+    cfg = run.cfg
+    loss = full_val_loss(run.model, val_tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast)
+    print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
+    run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
+
+
+def evaluate_only(run: Run) -> int:
+    """eval_only: evaluate the model init_from gives, without training or saving."""
+    evaluate(run)
+    if run.cfg.eval_full:
+        evaluate_full(run)
+    return 0
+
+
+# --- signals, processes, entry point ----------------------------------------------------------------
+
+_stop_signal = 0  # set by the SIGTERM / SIGINT handler; the loop stops after the current iteration
+
+
+def request_stop(signum: int, frame) -> None:
+    global _stop_signal
+    if _stop_signal:  # a second signal: stop at once, unsaved (saves are atomic, the last one is intact)
+        raise KeyboardInterrupt
+    _stop_signal = signum
+    if world()[0] == 0:
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def agreed_stop_signal(group: dist.ProcessGroup | None) -> int:
+    """The stop signal if any process has received one, else 0. Processes get a signal at slightly
+    different moments; agreeing after every iteration makes them all stop after the same one. The
+    group is gloo, on the CPU, so this never waits for the GPU."""
+    flag = torch.tensor(_stop_signal)
+    if group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag)
+
+
+def train(cfg: TrainConfig) -> int:
+    """Train (or, with eval_only, evaluate) as cfg says; returns the process exit code."""
+    global _stop_signal
+    _stop_signal = 0
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    distributed = "RANK" in os.environ  # started by torchrun
     try:
-        code = train(cfg)
-    except (TrainError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+        device = pick_device(cfg.device, int(os.environ["LOCAL_RANK"]) if distributed else None)
+        stop_group = None
+        if distributed:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            stop_group = dist.new_group(backend="gloo")
+        check_config(cfg, world()[1])
+        run = setup(cfg, device, stop_group)
+        return evaluate_only(run) if cfg.eval_only else train_loop(run)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    exit_on_error(lambda: train(parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])))
 
 
 if __name__ == "__main__":

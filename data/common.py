@@ -1,40 +1,45 @@
-"""What every data set shares: the token-file format, meta.json, tokenizers, downloads, CLI errors.
+"""Data preparation shared by the prepare scripts: the token-file format and meta.json, downloads,
+text inputs.
 
 A prepared data set is a folder holding
   train.bin, val.bin  flat arrays of token ids (dtype from meta.json), read with np.memmap
   meta.json           the tokenizer, vocab_size, dtype and token counts; written last, so its
                       presence means the set is complete
 """
+
 import argparse
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import NoReturn
 
 import numpy as np
-import tiktoken
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from runtime import PathLike, UserError, atomic_write, exit_on_error
+
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-PathLike = Union[str, Path]
+
+class DataError(UserError):
+    """Bad input for a prepare script, or an environment fault while reading or writing it."""
 
 
-class DataError(Exception):
-    """Bad input or environment, explained in one line for the person at the terminal."""
+def run_cli(main: Callable[[], None]) -> NoReturn:
+    """Run a prepare script's main() under the common exit-code policy; an OSError counts as bad input
+    (its message already names the path and the reason)."""
 
+    def run() -> None:
+        try:
+            main()
+        except OSError as e:
+            raise DataError(str(e)) from e
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a prepare script's main(); expected failures end as one line on stderr and exit code 1."""
-    try:
-        main()
-    except (DataError, OSError) as e:  # OSError messages already name the path and the reason
-        sys.exit(f"error: {e}")
+    exit_on_error(run)
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -46,156 +51,12 @@ def dtype_for_vocab(vocab_size: int) -> str:
     raise DataError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-# --- tokenizers -------------------------------------------------------------------------------
-
-
-class Tokenizer:
-    """Maps text to token ids and back; get_tokenizer(meta) builds the one a data set was made with."""
-
-    vocab_size: int
-    eot_token: int | None  # end-of-text id between documents; None where the vocabulary has none
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """UTF-8 bytes of ids; a BPE token can end mid-character, so streams decode these incrementally."""
-        raise NotImplementedError
-
-
-class CharTokenizer(Tokenizer):
-    def __init__(self, chars: list[str]):
-        self.itos = list(chars)
-        self.stoi = {ch: i for i, ch in enumerate(self.itos)}
-        self.vocab_size = len(self.itos)
-        self.eot_token = None
-
-    def encode(self, text: str) -> list[int]:
-        missing = set(text) - self.stoi.keys()
-        if missing:
-            shown = " ".join(repr(ch) for ch in sorted(missing)[:20])
-            raise ValueError(f"{len(missing)} character(s) not in the vocabulary of the training text: {shown}")
-        return [self.stoi[ch] for ch in text]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.itos[i] for i in ids)
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.decode(ids).encode("utf-8")
-
-
-class TiktokenTokenizer(Tokenizer):
-    def __init__(self, encoding: str):
-        self.enc = load_tiktoken(encoding)
-        self.vocab_size = self.enc.n_vocab
-        self.eot_token = self.enc.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        # a user may type "<|endoftext|>" in a prompt to mean a document boundary
-        return self.enc.encode(text, allowed_special="all")
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode(list(ids))
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.enc.decode_bytes(list(ids))
-
-
-def load_tiktoken(name: str) -> tiktoken.Encoding:
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as e:  # on first use tiktoken downloads its files; any failure there lands here
-        raise DataError(
-            f"cannot load the tiktoken encoding {name!r} ({type(e).__name__}: {e}); connect to the network "
-            "once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files") from e
-
-
-class HFTokenizer(Tokenizer):
-    """The Hugging Face tokenizer of a model directory (checkpoints made by convert.py import).
-    transformers is an optional dependency, imported only here."""
-
-    def __init__(self, path: str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as e:
-            raise DataError(f"this checkpoint uses the Hugging Face tokenizer in {path}: "
-                            "pip install transformers") from e
-        if not Path(path).is_dir():
-            raise DataError(f"the Hugging Face tokenizer folder {path} named in the checkpoint does not exist")
-        try:  # local_files_only: nothing here may turn into a download attempt
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot load a Hugging Face tokenizer from {path} ({type(e).__name__}: {e}); put the "
-                            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) there") from e
-        self.vocab_size = len(self.tok)
-        self.eot_token = self.tok.eos_token_id
-        self._anchor = self.tok.encode("a", add_special_tokens=False)[-1:]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)  # with the model's own special tokens (Llama: a leading BOS)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids))
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        # Decoded after an anchor token, which is then cut off: decoded alone, a SentencePiece token loses
-        # its leading space. A character split across tokens still streams as U+FFFD: decode has no state.
-        anchor = self.tok.decode(self._anchor)
-        return self.tok.decode(self._anchor + list(ids))[len(anchor):].encode("utf-8")
-
-
-def get_tokenizer(meta: dict) -> Tokenizer:
-    kind = meta.get("tokenizer")
-    if kind == "char":
-        return CharTokenizer(meta["chars"])
-    if kind == "tiktoken":
-        return TiktokenTokenizer(meta["encoding"])
-    if kind == "hf":
-        return HFTokenizer(meta["path"])
-    raise ValueError(f"unknown tokenizer {kind!r} in meta.json: expected 'char', 'tiktoken' or 'hf'")
-
-
 # --- meta.json and token files ----------------------------------------------------------------
 
 
-def load_meta(data_dir: PathLike) -> dict:
-    data_dir = Path(data_dir)
-    path = data_dir / META_NAME
-    if not path.is_file():
-        script = REPO_ROOT / "data" / data_dir.name / "prepare.py"
-        command = (f"python data/{data_dir.name}/prepare.py" if script.is_file()
-                   else f"python data/<name>/prepare.py --out_dir {data_dir}")
-        raise FileNotFoundError(f"{path} not found: the data set is not prepared (or its preparation did "
-                                f"not finish); run {command}")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside path durable (POSIX only; Windows cannot open a folder)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_meta(data_dir: PathLike, meta: dict) -> None:
-    _write_atomic(Path(data_dir) / META_NAME, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(Path(data_dir) / META_NAME, lambda f: f.write(text.encode("utf-8")))
 
 
 class TokenSetWriter:
@@ -222,7 +83,7 @@ class TokenSetWriter:
         self._files = {split: open(self._tmp_path(split), "wb") for split in SPLITS}
         return self
 
-    def write(self, split: str, ids: Union[np.ndarray, list[int]]) -> None:
+    def write(self, split: str, ids: np.ndarray | list[int]) -> None:
         array = np.asarray(ids, dtype=self.dtype)  # raises OverflowError rather than wrap an id around
         self._files[split].write(array.tobytes())
         self.token_counts[split] += array.size
@@ -274,7 +135,7 @@ def download(url: str, dest: Path) -> None:
         raise DataError(f"could not download {url} ({reason}): connect to the network and re-run, "
                         "or pass --input PATH to a local copy of the text") from e
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(dest, data)
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def read_input_text(args: argparse.Namespace) -> str:

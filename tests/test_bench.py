@@ -20,7 +20,9 @@ def one_thread():
 def test_bench_tiny_preset_writes_every_figure_to_json(tmp_path, capsys, one_thread):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--device", "cpu", "--json", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--preset", "tiny", "--device", "cpu", "--json", str(out)])
+    assert exit_info.value.code == 0
     results = json.loads(out.read_text())
     for key in ("train_tokens_per_s", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "mfu"):
         assert set(results[key]) == {"ours", "peer"} and all(v > 0 for v in results[key].values())

@@ -2,13 +2,15 @@
 from __future__ import annotations  # annotations are strings: parse_config must resolve them
 
 import dataclasses
+import sys
 import re
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from configurator import ConfigError, cli_config, parse_config
+from configurator import parse_config
+from runtime import ConfigError, exit_on_error
 
 
 @dataclasses.dataclass
@@ -187,13 +189,14 @@ def test_short_help_flag_also_prints_usage(capsys):
     assert "--batch_size=12" in capsys.readouterr().out
 
 
-def test_cli_config_prints_the_error_and_exits_2(capsys):
+def test_a_cli_prints_a_config_error_and_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli_config(Cfg(), ["--learing_rate=3e-4"])
+        exit_on_error(lambda: parse_config(Cfg(), ["--learing_rate=3e-4"]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'learing_rate'") and "Traceback" not in err
 
 
-def test_cli_config_returns_the_config_when_valid():
-    assert cli_config(Cfg(), ["--batch_size=7"]).batch_size == 7
+def test_parse_config_reads_sys_argv_by_default(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--batch_size=7"])
+    assert parse_config(Cfg()).batch_size == 7

@@ -23,6 +23,12 @@ VOCAB = 151
 CHAR_META = {"tokenizer": "char", "chars": [chr(c) for c in range(32, 32 + VOCAB)], "vocab_size": VOCAB}
 
 
+def run_convert(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(argv)
+    assert exit_info.value.code == 0
+
+
 def save_hf_llama(path: Path, n_kv_head: int = 2, tie: bool = False, dtype: torch.dtype = torch.float32,
                   sharded: bool = False, **overrides) -> Path:
     """A tiny random LlamaForCausalLM written with save_pretrained (safetensors)."""
@@ -117,9 +123,9 @@ def test_imported_model_logits_match_transformers(tmp_path, n_kv_head, tie, dtyp
 @pytest.mark.parametrize("tie, dtype, sharded", [(True, torch.float32, True), (False, torch.bfloat16, False)])
 def test_import_then_export_reproduces_hf_tensors_exactly(tmp_path, tie, dtype, sharded):
     hf_dir = save_hf_llama(tmp_path / "hf", tie=tie, dtype=dtype, sharded=sharded)
-    convert.main(["import", str(hf_dir), str(tmp_path / "out")])
+    run_convert(["import", str(hf_dir), str(tmp_path / "out")])
     dtype_name = str(dtype).removeprefix("torch.")
-    convert.main(["export", str(tmp_path / "out"), str(tmp_path / "back"), "--dtype", dtype_name])
+    run_convert(["export", str(tmp_path / "out"), str(tmp_path / "back"), "--dtype", dtype_name])
     original, back = hf_tensors(hf_dir), hf_tensors(tmp_path / "back")
     assert original.keys() == back.keys()
     for name, tensor in original.items():
@@ -129,7 +135,7 @@ def test_import_then_export_reproduces_hf_tensors_exactly(tmp_path, tie, dtype, 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_exported_trained_model_matches_transformers_logits_and_greedy_generation(tmp_path, tie):
     ours = train_and_save(tmp_path / "out", tie, CHAR_META)
-    convert.main(["export", str(tmp_path / "out"), str(tmp_path / "hf")])
+    run_convert(["export", str(tmp_path / "out"), str(tmp_path / "hf")])
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["eos_token_id"] is None and hf_config[convert.TOKENIZER_KEY] == CHAR_META
     theirs = load_hf(tmp_path / "hf")
@@ -204,7 +210,7 @@ def test_cli_refusal_is_one_line_on_stderr_and_exit_code_1(tmp_path):
     result = subprocess.run([sys.executable, "convert.py", "import", str(hf_dir), str(tmp_path / "out")],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.startswith("convert.py: error: model_type 'gpt2'") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: model_type 'gpt2'") and "Traceback" not in result.stderr
 
 
 def test_import_does_not_overwrite_a_checkpoint_without_force(tmp_path):

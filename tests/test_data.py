@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.common import TokenSetWriter, dtype_for_vocab, get_tokenizer, load_meta
+from data.common import TokenSetWriter, dtype_for_vocab
+from runtime import UserError
+from tokenizer import get_tokenizer
+from train import load_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE_URL = "http://127.0.0.1:9/input.txt"  # the discard port: refused at once, no network touched
@@ -226,36 +229,10 @@ def test_failed_rerun_leaves_the_previous_set_intact(web_set, web_corpus, tmp_pa
 
 
 def test_load_meta_of_unprepared_set_names_the_prepare_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python data/shakespeare_char/prepare.py"):
+    with pytest.raises(UserError, match="python data/shakespeare_char/prepare.py"):
         load_meta(tmp_path / "shakespeare_char")
-    with pytest.raises(FileNotFoundError, match="--out_dir"):
+    with pytest.raises(UserError, match="--out_dir"):
         load_meta(tmp_path / "my_corpus")
-
-
-def test_char_tokenizer_names_the_characters_it_lacks():
-    tokenizer = get_tokenizer({"tokenizer": "char", "chars": list("\n abc")})
-    assert tokenizer.decode(tokenizer.encode("cab a\n")) == "cab a\n"
-    assert tokenizer.eot_token is None and tokenizer.vocab_size == 5
-    with pytest.raises(ValueError, match="2 character.*'z' 'é'"):
-        tokenizer.encode("zébab")
-
-
-def test_bpe_decode_bytes_splits_characters_for_streaming():
-    tokenizer = get_tokenizer({"tokenizer": "tiktoken", "encoding": "gpt2"})
-    assert (tokenizer.vocab_size, tokenizer.eot_token) == (50257, 50256)
-    assert tokenizer.encode("<|endoftext|>") == [50256]
-    text = "naïve 🙂 日本語"
-    ids = tokenizer.encode(text)
-    assert b"".join(tokenizer.decode_bytes([i]) for i in ids) == text.encode("utf-8")
-    assert any(not _is_utf8(tokenizer.decode_bytes([i])) for i in ids)  # some tokens hold part of a character
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_dtype_is_uint16_exactly_while_ids_fit():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from bench import generate_without_cache
 from model import GPT, GPTConfig, filter_logits, sample_next_token
 
 transformers = pytest.importorskip("transformers")
@@ -96,20 +97,13 @@ def test_cached_decode_matches_full_forward(batch_size):
             assert (logits[:, -1] - full[:, pos]).abs().max().item() < 1e-5
 
 
-def greedy_by_full_forwards(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    for _ in range(max_new_tokens):
-        next_token = all_logits(model, idx)[:, -1].argmax(dim=-1, keepdim=True)
-        idx = torch.cat([idx, next_token], dim=1)
-    return idx
-
-
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size):
     config = tiny_config()
     model = random_model(config, seed=1)
     prompt = torch.randint(0, config.vocab_size, (batch_size, 6))
     with torch.no_grad():
-        expected = greedy_by_full_forwards(model, prompt, config.block_size - 6)
+        expected = generate_without_cache(model, prompt, config.block_size - 6)  # a full forward per token
     assert torch.equal(model.generate(prompt, config.block_size - 6, temperature=0), expected)
 
 
@@ -248,14 +242,6 @@ def test_weight_decay_only_on_matrices_and_init_scales_residual_projections():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert abs(model.layers[0].attn.wqkv.weight.std().item() - 0.02) < 0.002
     assert abs(model.layers[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8)
-
-
-def test_mfu_needs_a_known_peak():
-    model = GPT(tiny_config())
-    assert model.estimate_mfu(fwdbwd_per_iter=8, dt=0.1) is None  # CPU: no invented peak
-    mfu = model.estimate_mfu(fwdbwd_per_iter=8, dt=0.1, peak_flops=1e12)
-    expected = model.flops_per_token() * model.config.block_size * 8 / 0.1 / 1e12
-    assert mfu == pytest.approx(expected)
 
 
 def test_num_params_counts_a_tied_weight_once():

@@ -12,8 +12,8 @@ import torch
 import sample
 from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
 from conftest import REPO_ROOT
-from data.common import Tokenizer, get_tokenizer
 from model import GPT, GPTConfig
+from tokenizer import Tokenizer, get_tokenizer
 
 BPE_META = {"tokenizer": "tiktoken", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257}
 MULTIBYTE = "héllo — ✓ 日本 "  # " 日本" is five GPT-2 tokens, none of them whole characters
@@ -56,7 +56,9 @@ def bpe_dir(tmp_path_factory) -> Path:
 
 
 def run_sample(capsys, out_dir: Path, *flags: str) -> tuple[str, str]:
-    sample.main([f"--out_dir={out_dir}", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([f"--out_dir={out_dir}", *flags])
+    assert exit_info.value.code == 0
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -111,7 +113,8 @@ def test_first_sample_is_flushed_token_by_token(monkeypatch, char_dir):
 
     stdout = FlushRecorder()
     monkeypatch.setattr(sys, "stdout", stdout)
-    sample.main([f"--out_dir={char_dir}", "--start=ROMEO:", "--max_new_tokens=30"])
+    with pytest.raises(SystemExit, match="0"):
+        sample.main([f"--out_dir={char_dir}", "--start=ROMEO:", "--max_new_tokens=30"])
     assert stdout.flushes >= 30
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import parse_config
-from data.common import get_tokenizer
 from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -170,7 +170,7 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path):
 
 def test_gradient_accumulation_must_divide_among_processes(char_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "world", lambda: (0, 3))
-    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 1
+    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2  # a bad config value
     assert "must be a multiple of 3" in capsys.readouterr().err
 
 
@@ -284,11 +284,11 @@ def test_help_lists_every_key_and_exits_0():
         assert f"--{key}=" in result.stdout
 
 
-# --- bad input: exit 1 with one line on stderr -------------------------------------------------
+# --- bad input: one line on stderr, exit 1 (bad files or data) or 2 (bad config values) ----------
 
 
-def expect_error(out_dir: Path, data_dir: Path, flags: list[str], message: str, capsys) -> None:
-    assert run_train(out_dir, data_dir, *flags) == 1
+def expect_error(out_dir: Path, data_dir: Path, flags: list[str], message: str, capsys, code: int = 1) -> None:
+    assert run_train(out_dir, data_dir, *flags) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
 
@@ -305,7 +305,7 @@ def test_block_size_larger_than_the_data_is_refused(char_data, tmp_path, capsys)
 def test_resume_with_another_model_shape_is_refused(char_data, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_train(out, char_data, "--max_iters=1", "--always_save_checkpoint=True") == 0
-    expect_error(out, char_data, ["--init_from=resume", "--n_layer=3"], "n_layer=2 (config: 3)", capsys)
+    expect_error(out, char_data, ["--init_from=resume", "--n_layer=3"], "n_layer=2 (config: 3)", capsys, code=2)
 
 
 def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):
@@ -314,4 +314,4 @@ def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):
 
 def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    expect_error(tmp_path / "file", char_data, [], "is not a directory", capsys)
+    expect_error(tmp_path / "file", char_data, [], "is not a directory", capsys, code=2)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so `data.common` imports from any working dir
-from data.common import load_meta, load_tiktoken
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
+from data.common import META_NAME
+from tokenizer import load_tiktoken
 
 PREPARE = Path(__file__).resolve().parent / "prepare.py"
 
@@ -84,7 +85,7 @@ def main() -> None:
             corpus = Path(tmp) / "corpus.jsonl"
             n_docs, n_chars = write_corpus(corpus, int(size_mb * 1e6))
             seconds, peak_rss = run_prepare(corpus, Path(tmp) / "out", args.num_proc)
-            meta = load_meta(Path(tmp) / "out")
+            meta = json.loads((Path(tmp) / "out" / META_NAME).read_text())
             n_tokens = meta["train_tokens"] + meta["val_tokens"]
             print(f"{size_mb:>9.0f} {n_docs:>10,} {n_tokens:>12,} {n_tokens / n_chars:>8.3f} {seconds:>8.1f} "
                   f"{n_tokens / seconds:>11,.0f} {corpus.stat().st_size / 1e6 / seconds:>6.1f} {peak_rss / 2**20:>12.0f}")

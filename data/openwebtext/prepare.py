@@ -25,8 +25,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so `data.common` imports from any working dir
-from data.common import DataError, TokenSetWriter, dtype_for_vocab, load_tiktoken, run_cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
+from data.common import DataError, TokenSetWriter, dtype_for_vocab, run_cli
+from tokenizer import load_tiktoken
 
 HF_DATASET = "Skylion007/openwebtext"  # the hub name that "openwebtext" redirects to
 ENCODING = "gpt2"

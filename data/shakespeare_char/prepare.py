@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so `data.common` imports from any working dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
 from data.common import TokenSetWriter, add_text_input_args, dtype_for_vocab, read_input_text, run_cli, split_text
 
 

@@ -1,0 +1,150 @@
+"""What the command-line programs share at run time: errors and exit codes, device and dtype choice,
+atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
+
+Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a missing or corrupt file,
+data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
+a wrong type, a value out of range, a model shape that does not divide, a device this machine lacks);
+130 / 143 stopped by Ctrl-C / SIGTERM.
+"""
+
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+PathLike = str | Path
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A problem the person at the terminal can fix; the message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A bad flag or config value."""
+
+    exit_code = 2
+
+
+def exit_on_error(run: Callable[[], int | None]) -> NoReturn:
+    """Run a CLI's work and exit with its code; a UserError becomes one line on stderr and its exit code."""
+    try:
+        code = run() or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails again
+        code = 1
+    sys.exit(code)
+
+
+# --- device and precision -------------------------------------------------------------------------
+
+
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' is cuda, then mps, then cpu. Under torchrun each process takes the GPU of its local rank."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ConfigError(f"device={requested!r} is not available on this machine; use --device=auto or cpu")
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA, float16 on a GPU without bf16 (training adds a gradient scaler),
+    float32 elsewhere: most CPUs have no fast bf16 matmuls."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if requested not in DTYPES:
+        raise ConfigError(f"dtype={requested!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against the device name.
+GPU_BF16_PEAK_FLOPS = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM; after "H100 PCIe" so the PCIe card matches its own entry first
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
+
+
+def datasheet_peak_flops(device: torch.device) -> tuple[str, float] | None:
+    """(name, bf16 datasheet peak FLOP/s) of a known CUDA device; None on CPU, MPS or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((name, peak) for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside folder path durable (POSIX; Windows cannot open a folder)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write path through write(file): into a uniquely named temporary file beside it, fsync, then
+    rename over path. A crash at any moment leaves the old file or the new one, never a torn one; a
+    failed write removes its temporary file."""
+    path = Path(path)
+    tmp_path = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp_path, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) when not started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(message: str) -> None:
+    """Print on rank 0 only, above a progress bar, flushed so that a piped log shows it at once."""
+    if world()[0] == 0:
+        tqdm.write(message)
+        sys.stdout.flush()
