@@ -7,9 +7,11 @@ alike; on a busy machine the ratios are the figures to trust, not the absolute n
 
 Measures: training tokens/s (forward + backward + AdamW) and MFU, here the utilisation of the
 device's matmul peak measured in the same run (train.py's MFU uses a GPU's datasheet peak instead);
-greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same tokens; peak memory of a training step; and our generation with the KV cache against ours without it
+greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same tokens;
+peak memory of a training step; and our generation with the KV cache against ours without it
 (a full re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model.
 """
+
 import argparse
 import ctypes
 import gc
@@ -28,7 +30,7 @@ import torch
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
 from configurator import parse_config
 from model import GPT, GPTConfig, sample_next_token
-from runtime import DTYPES, exit_on_error, pick_device, pick_dtype
+from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
 from train import TrainConfig, model_config
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -52,13 +54,27 @@ class Preset:
 PRESETS = {
     "tiny": Preset(  # seconds; for the smoke test, not for numbers
         dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
-        batch_size=2, seq_len=32, train_steps=1, prompt_len=8, new_tokens=8, generate_repeats=1,
-        no_cache_tokens=8, no_cache_repeats=1, matmul_size=256,
+        batch_size=2,
+        seq_len=32,
+        train_steps=1,
+        prompt_len=8,
+        new_tokens=8,
+        generate_repeats=1,
+        no_cache_tokens=8,
+        no_cache_repeats=1,
+        matmul_size=256,
     ),
     "small": Preset(  # about a minute on a 2-core CPU
         dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
-        batch_size=8, seq_len=256, train_steps=3, prompt_len=64, new_tokens=256, generate_repeats=3,
-        no_cache_tokens=500, no_cache_repeats=1, matmul_size=2048,
+        batch_size=8,
+        seq_len=256,
+        train_steps=3,
+        prompt_len=64,
+        new_tokens=256,
+        generate_repeats=3,
+        no_cache_tokens=500,
+        no_cache_repeats=1,
+        matmul_size=2048,
     ),
 }
 
@@ -77,7 +93,10 @@ def to_peer(model: GPT):
     peer = LlamaForCausalLM(peer_config)
     weights = to_hf(model.state_dict(), cfg, dtype)
     missing, unexpected = peer.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied lm_head: no entry
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (
+        missing,
+        unexpected,
+    )  # tied lm_head: no entry
     return peer.to(model.lm_head.weight.device)
 
 
@@ -124,7 +143,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> floa
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS since the last reset (VmHWM): no library reads it after a reset."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    line = next(
+        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
+    )
     return int(line.split()[1]) * 1024
 
 
@@ -149,7 +170,9 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
     return peak_rss_bytes() - before
 
 
-def train_step_fns(model: GPT, peer, preset: Preset, device: torch.device, autocast) -> tuple[Callable, Callable]:
+def train_step_fns(
+    model: GPT, peer, preset: Preset, device: torch.device, autocast
+) -> tuple[Callable, Callable]:
     """One forward + backward + AdamW step for each model, on the same random batch."""
     x = torch.randint(0, model.config.vocab_size, (preset.batch_size, preset.seq_len), device=device)
     opt_ours = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
@@ -201,14 +224,18 @@ def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, p
     model.train()
     peer = to_peer(model).train()
     step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
-    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device, warm_up=True)  # AdamW state
+    dt_ours, dt_peer = median_times(
+        step_ours, step_peer, preset.train_steps, device, warm_up=True
+    )  # AdamW state
     tokens = preset.batch_size * preset.seq_len
     flops = model.flops_per_token(preset.seq_len) * tokens  # the same count for both: same architecture
     return {
         "train_tokens_per_s": {"ours": tokens / dt_ours, "peer": tokens / dt_peer},
         "mfu": {"ours": flops / dt_ours / peak_flops, "peer": flops / dt_peer / peak_flops},
-        "train_peak_memory_bytes": {"ours": step_peak_memory(step_ours, device),
-                                    "peer": step_peak_memory(step_peer, device)},
+        "train_peak_memory_bytes": {
+            "ours": step_peak_memory(step_ours, device),
+            "peer": step_peak_memory(step_peer, device),
+        },
     }
 
 
@@ -229,13 +256,20 @@ def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast)
         def theirs() -> None:
             with torch.inference_mode(), autocast():
                 outputs["peer"] = peer.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=preset.new_tokens,
-                    min_new_tokens=preset.new_tokens, do_sample=False, use_cache=True,
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=preset.new_tokens,
+                    min_new_tokens=preset.new_tokens,
+                    do_sample=False,
+                    use_cache=True,
                 )
 
         dt_ours, dt_peer = median_times(ours, theirs, preset.generate_repeats, device)
         new_tokens = batch * preset.new_tokens
-        results[f"decode_tokens_per_s_batch{batch}"] = {"ours": new_tokens / dt_ours, "peer": new_tokens / dt_peer}
+        results[f"decode_tokens_per_s_batch{batch}"] = {
+            "ours": new_tokens / dt_ours,
+            "peer": new_tokens / dt_peer,
+        }
         results[f"greedy_tokens_identical_batch{batch}"] = torch.equal(outputs["ours"], outputs["peer"])
     return results
 
@@ -256,8 +290,10 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
 
         dt_cached, dt_uncached = median_times(cached, uncached, preset.no_cache_repeats, device)
         new_tokens = batch * preset.no_cache_tokens
-        results[f"kv_cache_tokens_per_s_batch{batch}"] = {"cache": new_tokens / dt_cached,
-                                                          "no_cache": new_tokens / dt_uncached}
+        results[f"kv_cache_tokens_per_s_batch{batch}"] = {
+            "cache": new_tokens / dt_cached,
+            "no_cache": new_tokens / dt_uncached,
+        }
     return results
 
 
@@ -282,11 +318,16 @@ def print_table(r: dict, preset: Preset) -> None:
     same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
     print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
     shape = r["no_cache_model"]
-    print(f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
-          f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})")
+    print(
+        f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
+        f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})"
+    )
     print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>9}")
     for batch in (1, 8):
-        row(f"decode tokens/s batch {batch}", *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"))
+        row(
+            f"decode tokens/s batch {batch}",
+            *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,12 +335,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bench(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=PRESETS, default="small")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="float32, or autocast to a 16-bit type (auto: as train.py chooses)")
-    parser.add_argument("--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="float32, or autocast to a 16-bit type (auto: as train.py chooses)",
+    )
+    parser.add_argument(
+        "--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison"
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
@@ -317,12 +366,20 @@ def bench(argv: list[str] | None) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(**preset.model)).to(device)
     results: dict = {
-        "preset": args.preset, "machine": machine_name(device), "device": device.type, "dtype": dtype_name,
-        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "model": asdict(model.config), "params": model.get_num_params(),
+        "preset": args.preset,
+        "machine": machine_name(device),
+        "device": device.type,
+        "dtype": dtype_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "model": asdict(model.config),
+        "params": model.get_num_params(),
     }
-    print(f"machine: {results['machine']} | torch {torch.__version__} | transformers {transformers.__version__}"
-          f" | {results['threads']} threads | {device.type} {dtype_name}")
+    print(
+        f"machine: {results['machine']} | torch {torch.__version__} | transformers {transformers.__version__}"
+        f" | {results['threads']} threads | {device.type} {dtype_name}"
+    )
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
     results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)

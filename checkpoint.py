@@ -29,11 +29,16 @@ def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
     """Load with weights_only=True: a checkpoint cannot run code when it is opened."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py ...) or fix out_dir")
+        raise CheckpointError(
+            f"no checkpoint at {path}: train one first (python train.py ...) or fix out_dir"
+        )
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch's message is advice about weights_only, wrong for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a checkpoint ({type(e).__name__})") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated, corrupt or not a checkpoint "
+            f"({type(e).__name__})"
+        ) from e
 
 
 def clean_state_dict(state_dict: dict) -> dict:
@@ -51,7 +56,9 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
         model = GPT(GPTConfig(**checkpoint["model_args"]))
         model.load_state_dict(clean_state_dict(checkpoint["model"]))
     except KeyError as e:
-        raise CheckpointError(f"checkpoint has no {e} entry; it was not written by train.py or convert.py") from e
+        raise CheckpointError(
+            f"checkpoint has no {e} entry; it was not written by train.py or convert.py"
+        ) from e
     except (TypeError, ValueError, RuntimeError) as e:  # unknown model_args, bad shapes, mismatched weights
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
@@ -69,6 +76,8 @@ def load_model_and_tokenizer(
     try:
         tokenizer = get_tokenizer(checkpoint["tokenizer"])
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unusable tokenizer entry ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} has an unusable tokenizer entry ({type(e).__name__}: {e})"
+        ) from e
     model = model_from_checkpoint(checkpoint).to(device).eval()
     return model, tokenizer, checkpoint

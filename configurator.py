@@ -9,6 +9,7 @@ assigns, a --key=value flag sets one key. So the nanoGPT habit works:
 Unlike nanoGPT's configurator (exec into module globals), every key is checked against the
 dataclass: unknown keys get a did-you-mean suggestion and values are type-checked.
 """
+
 import ast
 import dataclasses
 import difflib
@@ -88,7 +89,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     exec(compile(source, path, "exec"), namespace)
     # Keep plain values: a config may import modules, define helpers, and use _private temporaries.
     return {
-        k: v for k, v in namespace.items()
+        k: v
+        for k, v in namespace.items()
         if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)
     }
 

@@ -6,13 +6,15 @@ RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head. No biases anywhere.
 The rotary embedding uses the "rotate half" layout of Hugging Face's Llama, so weights map one to one
 to `LlamaForCausalLM` (q/k projections included) and logits match it.
 """
+
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -49,8 +51,8 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int):
         self.shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, n_kv_head, T, head_dim) at start_pos; return all keys and values so far."""
@@ -69,9 +71,9 @@ class GPTConfig:
     block_size: int = 1024  # trained context length; also the length of the RoPE tables
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: Optional[int] = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
     n_embd: int = 768
-    intermediate_size: Optional[int] = None  # SwiGLU hidden size; None derives it Llama-style
+    intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
     multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -110,12 +112,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wqkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.wqkv = nn.Linear(
+            config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False
+        )
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_cos, rope_sin, cache: Optional[KVCache] = None, start_pos: int = 0):
+    def forward(self, x, rope_cos, rope_sin, cache: KVCache | None = None, start_pos: int = 0):
         B, T, C = x.shape
         n_qk = self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
@@ -126,10 +130,14 @@ class Attention(nn.Module):
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, start_pos + T, head_dim)
-        # Causal mask for T > 1 (training, or a prefill from position 0); a single decoded token sees all keys.
+        # Causal mask for T > 1 (training, or a prefill from position 0); one decoded token sees all keys.
         # enable_gqa: each K/V head serves its group of n_head / n_kv_head query heads.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1,
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=T > 1,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -158,7 +166,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos, rope_sin, cache: Optional[KVCache] = None, start_pos: int = 0):
+    def forward(self, x, rope_cos, rope_sin, cache: KVCache | None = None, start_pos: int = 0):
         x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, cache, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -199,10 +207,10 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         start_pos: int = 0,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
         (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
         With a cache, idx holds the tokens at positions start_pos.. and their keys/values are stored."""
@@ -239,7 +247,7 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over seq_len positions."""
         T = seq_len or self.config.block_size
         cfg = self.config
@@ -252,8 +260,8 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens new tokens (B, 1), one per step, continuing the prompts idx (B, T).
 
@@ -295,8 +303,8 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
         temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
@@ -304,7 +312,7 @@ class GPT(nn.Module):
         return torch.cat([idx, *new_tokens], dim=1)
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit (B, vocab) outside the top_k, and outside the nucleus: the smallest set
     of most likely tokens whose probabilities sum to at least top_p."""
     if top_k is not None:
@@ -320,7 +328,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 
 def sample_next_token(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
     """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
     if temperature == 0:

@@ -4,11 +4,11 @@ Reads OUT_DIR/metrics.jsonl as train.py writes it and draws the training loss of
 iteration, the train/val estimates of each evaluation and, if present, the final whole-val-split loss.
 Needs matplotlib (pip install matplotlib).
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 
 def read_series(path: Path) -> dict[str, dict[int, float]]:
@@ -29,8 +29,10 @@ def read_series(path: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="a training run's out_dir, holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/loss.png)")
     args = parser.parse_args(argv)
@@ -47,10 +49,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     series = read_series(path)
     if not {"loss", "train_loss", "val_loss"} & series.keys():
         sys.exit(f"error: {path} holds no loss values yet")
-    styles = [("loss", "train loss (batch)", dict(alpha=0.4, linewidth=1)),
-              ("train_loss", "train loss (eval)", dict(marker="o")),
-              ("val_loss", "val loss (eval)", dict(marker="o")),
-              ("val_loss_full", "val loss (whole split)", dict(marker="*", markersize=14, linestyle=""))]
+    styles = [
+        ("loss", "train loss (batch)", dict(alpha=0.4, linewidth=1)),
+        ("train_loss", "train loss (eval)", dict(marker="o")),
+        ("val_loss", "val loss (eval)", dict(marker="o")),
+        ("val_loss_full", "val loss (whole split)", dict(marker="*", markersize=14, linestyle="")),
+    ]
     fig, ax = plt.subplots(figsize=(8, 5))
     for key, label, style in styles:
         if key in series:

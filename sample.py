@@ -1,7 +1,8 @@
 """Generate text from a trained checkpoint, streaming it to stdout as it is generated.
 
-    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 """
+
 import codecs
 import sys
 import time
@@ -48,7 +49,9 @@ class SampleConfig:
     top_p: float | None = None  # sample only within the smallest set of probability >= top_p; None for all
     seed: int = 1337  # the same seed, checkpoint, prompt and device give the same samples
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 where bf16 is unsupported, else float32) or one of those
+    dtype: str = (
+        "auto"  # auto (bfloat16 on CUDA, float16 where bf16 is unsupported, else float32) or one of those
+    )
     compile: bool = False  # torch.compile the model: a slow first token, faster ones after
 
 
@@ -90,12 +93,20 @@ def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
         return tokenizer.encode("\n")
     except ValueError:
         raise UserError(
-            "an empty prompt starts from a newline, which this character-level vocabulary lacks; pass --start=TEXT"
+            "an empty prompt starts from a newline, which this character-level vocabulary lacks; "
+            "pass --start=TEXT"
         ) from None
 
 
-def generate_and_print(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], prompt_text: str,
-                       cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> None:
+def generate_and_print(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    prompt_text: str,
+    cfg: SampleConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
     # Holds back the bytes of an unfinished character: a BPE token can end in the middle of one.
     first_row = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -118,8 +129,11 @@ def generate_and_print(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], 
         print(SEPARATOR)
         print(prompt_text + tokenizer.decode_bytes(row).decode("utf-8", errors="replace"))
     n_tokens = cfg.num_samples * len(new_tokens)
-    print(f"{n_tokens} tokens ({cfg.num_samples} x {len(new_tokens)}) in {elapsed:.2f} s: "
-          f"{n_tokens / elapsed:.1f} tokens/s, time to first token {first_token_s * 1000:.0f} ms", file=sys.stderr)
+    print(
+        f"{n_tokens} tokens ({cfg.num_samples} x {len(new_tokens)}) in {elapsed:.2f} s: "
+        f"{n_tokens / elapsed:.1f} tokens/s, time to first token {first_token_s * 1000:.0f} ms",
+        file=sys.stderr,
+    )
 
 
 def sample(cfg: SampleConfig) -> None:
@@ -142,7 +156,9 @@ def sample(cfg: SampleConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_error(lambda: sample(parse_config(SampleConfig(), argv, prog="sample.py", description=DESCRIPTION)))
+    exit_on_error(
+        lambda: sample(parse_config(SampleConfig(), argv, prog="sample.py", description=DESCRIPTION))
+    )
 
 
 if __name__ == "__main__":

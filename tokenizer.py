@@ -1,7 +1,7 @@
 """Tokenizers: text to token ids and back, as recorded in a data set's meta.json and in checkpoints.
 
-    get_tokenizer(meta)    the tokenizer meta describes: "char" (the characters of the training text),
-                           "tiktoken" (a named encoding, e.g. gpt2) or "hf" (a Hugging Face tokenizer folder)
+get_tokenizer(meta)    the tokenizer meta describes: "char" (the characters of the training text),
+                       "tiktoken" (a named encoding, e.g. gpt2) or "hf" (a Hugging Face tokenizer folder)
 """
 
 from collections.abc import Iterable
@@ -18,7 +18,6 @@ TOKENIZER_KEYS = ("tokenizer", "chars", "encoding", "eot_token", "path", "vocab_
 def tokenizer_entry(meta: dict) -> dict:
     """What a checkpoint records of its data set's meta.json: the tokenizer, not the token files."""
     return {key: meta[key] for key in TOKENIZER_KEYS if key in meta}
-
 
 
 class Tokenizer:
@@ -49,7 +48,9 @@ class CharTokenizer(Tokenizer):
         missing = set(text) - self.stoi.keys()
         if missing:
             shown = " ".join(repr(ch) for ch in sorted(missing)[:20])
-            raise ValueError(f"{len(missing)} character(s) not in the vocabulary of the training text: {shown}")
+            raise ValueError(
+                f"{len(missing)} character(s) not in the vocabulary of the training text: {shown}"
+            )
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -82,7 +83,8 @@ def load_tiktoken(name: str) -> tiktoken.Encoding:
     except Exception as e:  # on first use tiktoken downloads its files; any failure there lands here
         raise UserError(
             f"cannot load the tiktoken encoding {name!r} ({type(e).__name__}: {e}); connect to the network "
-            "once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files") from e
+            "once, or set TIKTOKEN_CACHE_DIR to a folder holding its cached files"
+        ) from e
 
 
 class HFTokenizer(Tokenizer):
@@ -93,15 +95,20 @@ class HFTokenizer(Tokenizer):
         try:
             from transformers import AutoTokenizer
         except ImportError as e:
-            raise UserError(f"this checkpoint uses the Hugging Face tokenizer in {path}: "
-                            "pip install transformers") from e
+            raise UserError(
+                f"this checkpoint uses the Hugging Face tokenizer in {path}: pip install transformers"
+            ) from e
         if not Path(path).is_dir():
-            raise UserError(f"the Hugging Face tokenizer folder {path} named in the checkpoint does not exist")
+            raise UserError(
+                f"the Hugging Face tokenizer folder {path} named in the checkpoint does not exist"
+            )
         try:  # local_files_only: nothing here may turn into a download attempt
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a Hugging Face tokenizer from {path} ({type(e).__name__}: {e}); put the "
-                            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) there") from e
+            raise UserError(
+                f"cannot load a Hugging Face tokenizer from {path} ({type(e).__name__}: {e}); put the "
+                "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) there"
+            ) from e
         self.vocab_size = len(self.tok)
         self.eot_token = self.tok.eos_token_id
         self._anchor = self.tok.encode("a", add_special_tokens=False)[-1:]
@@ -116,7 +123,7 @@ class HFTokenizer(Tokenizer):
         # Decoded after an anchor token, which is then cut off: decoded alone, a SentencePiece token loses
         # its leading space. A character split across tokens still streams as U+FFFD: decode has no state.
         anchor = self.tok.decode(self._anchor)
-        return self.tok.decode(self._anchor + list(ids))[len(anchor):].encode("utf-8")
+        return self.tok.decode(self._anchor + list(ids))[len(anchor) :].encode("utf-8")
 
 
 def get_tokenizer(meta: dict) -> Tokenizer:

@@ -32,7 +32,16 @@ from tqdm import tqdm
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import parse_config
 from model import GPT, GPTConfig
-from runtime import ConfigError, UserError, datasheet_peak_flops, exit_on_error, pick_device, pick_dtype, print0, world
+from runtime import (
+    ConfigError,
+    UserError,
+    datasheet_peak_flops,
+    exit_on_error,
+    pick_device,
+    pick_dtype,
+    print0,
+    world,
+)
 from tokenizer import tokenizer_entry
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -42,12 +51,16 @@ REPO_DIR = Path(__file__).resolve().parent
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt, config.json and metrics.jsonl go here
-    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file/folder to start anew from
+    init_from: str = (
+        "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file/folder to start anew from
+    )
     eval_interval: int = 250  # iterations between evaluations; a checkpoint is saved when val loss improves
     eval_iters: int = 100  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate the model init_from gives, then exit
     eval_full: bool = True  # after training (and with eval_only) also the loss over every val token once
-    log_interval: int = 10  # iterations between log lines: the only points where the host waits for the device
+    log_interval: int = (
+        10  # iterations between log lines: the only points where the host waits for the device
+    )
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
     wandb_log: bool = False
     wandb_project: str = "llm-train"
@@ -115,7 +128,8 @@ def load_meta(data_dir: Path) -> dict:
             else f"python data/<name>/prepare.py --out_dir {data_dir}"
         )
         raise UserError(
-            f"{path} not found: the data set is not prepared (or its preparation did not finish); run {command}"
+            f"{path} not found: the data set is not prepared (or its preparation did not finish); "
+            f"run {command}"
         )
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -125,7 +139,8 @@ def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
         n_tokens = meta[f"{split}_tokens"]
         if n_tokens <= block_size:
             raise UserError(
-                f"block_size={block_size} does not fit the {split} split of {data_dir} ({n_tokens:,} tokens): "
+                f"block_size={block_size} does not fit the {split} split of {data_dir} "
+                f"({n_tokens:,} tokens): "
                 "lower block_size or use a larger data set"
             )
 
@@ -138,7 +153,12 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def get_batch(
-    path: Path, token_dtype: str, rng: np.random.Generator, batch_size: int, block_size: int, device: torch.device
+    path: Path,
+    token_dtype: str,
+    rng: np.random.Generator,
+    batch_size: int,
+    block_size: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size random windows of the token file: inputs and their next tokens, each (B, block_size)."""
     # Opened anew for every batch: a long-lived np.memmap keeps every page it has read referenced,
@@ -198,7 +218,9 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
     try:
-        return GPTConfig(vocab_size=vocab_size, dropout=cfg.dropout, **{k: getattr(cfg, k) for k in SHAPE_KEYS})
+        return GPTConfig(
+            vocab_size=vocab_size, dropout=cfg.dropout, **{k: getattr(cfg, k) for k in SHAPE_KEYS}
+        )
     except ValueError as e:
         raise ConfigError(f"bad model shape: {e}") from None
 
@@ -212,7 +234,9 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
         return GPT(wanted), None, cfg
     path = Path(cfg.out_dir) / CKPT_NAME if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
-        raise UserError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder")
+        raise UserError(
+            f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder"
+        )
     if path.is_dir():
         path = path / CKPT_NAME
     checkpoint = load_checkpoint(path)
@@ -222,7 +246,9 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     loaded = model.config
     if cfg.init_from == "resume" and not cfg.eval_only:
         wanted_args = asdict(wanted)
-        diffs = [f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]]
+        diffs = [
+            f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]
+        ]
         if diffs:
             raise ConfigError(
                 f"cannot resume {path}: its model has {', '.join(diffs)}. Resume with the run's own config "
@@ -263,7 +289,9 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"]
+            )
 
 
 @dataclass
@@ -277,7 +305,9 @@ class Run:
     meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
     raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
     model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
-    train_model: torch.nn.Module  # model, wrapped in DDP when there are several processes: training calls this
+    train_model: (
+        torch.nn.Module
+    )  # model, wrapped in DDP when there are several processes: training calls this
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # active for float16 only
     metrics: MetricsLog
@@ -299,7 +329,9 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
     raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = raw_model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     resumed = cfg.init_from == "resume" and not cfg.eval_only
     iter_num, best_val_loss = 0, float("inf")
@@ -310,7 +342,9 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     del checkpoint  # the weights now live in the model and optimizer
     model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
     world_size = world()[1]
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
+    ddp_model = (
+        DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
+    )
     run = Run(
         cfg=cfg,
         device=device,
@@ -365,10 +399,15 @@ def open_out_dir(cfg: TrainConfig, append: bool) -> MetricsLog:
 def print_setup(run: Run, dtype: torch.dtype) -> None:
     cfg, world_size = run.cfg, world()[1]
     peak = datasheet_peak_flops(run.device)
-    mfu_basis = f"{peak[0]}'s dense bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s" if peak else "n/a: no known peak"
+    mfu_basis = (
+        f"{peak[0]}'s dense bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s"
+        if peak
+        else "n/a: no known peak"
+    )
     print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()))
     print0(
-        f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter(cfg):,} tokens per iteration "
+        f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
+        f"{tokens_per_iter(cfg):,} tokens per iteration "
         f"({world_size} process(es) x {run.local_steps} micro-steps x {cfg.batch_size} x {cfg.block_size}); "
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
@@ -387,11 +426,18 @@ def train_loop(run: Run) -> int:
     log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
     cfg = run.cfg
     first_iter, stop_signal, loss_sum = run.iter_num, 0, None
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not (world()[0] == 0 and sys.stderr.isatty()))
-    clock = (time.time(), run.iter_num)  # when the last log line (or evaluation) ended, and at which iteration
+    bar = tqdm(
+        total=cfg.max_iters, initial=run.iter_num, disable=not (world()[0] == 0 and sys.stderr.isatty())
+    )
+    clock = (
+        time.time(),
+        run.iter_num,
+    )  # when the last log line (or evaluation) ended, and at which iteration
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
-        if due and not (run.resumed and run.iter_num == first_iter):  # a resumed run's first point was evaluated
+        if due and not (
+            run.resumed and run.iter_num == first_iter
+        ):  # a resumed run's first point was evaluated
             val_loss = evaluate(run)
             if val_loss < run.best_val_loss or cfg.always_save_checkpoint:
                 run.best_val_loss = min(run.best_val_loss, val_loss)
@@ -443,9 +489,13 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro_step in range(run.local_steps):
-        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step])
+        rng = np.random.default_rng(
+            [cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step]
+        )
         torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
-        x, y = get_batch(run.data_dir / "train.bin", run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
+        x, y = get_batch(
+            run.data_dir / "train.bin", run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device
+        )
         # Gradients are averaged across processes only in the last micro-step's backward.
         sync_now = micro_step == run.local_steps - 1 or not isinstance(run.train_model, DDP)
         with nullcontext() if sync_now else run.train_model.no_sync():
@@ -467,7 +517,9 @@ def global_loss(run: Run, loss_sum: torch.Tensor) -> float:
     return all_reduce_sum(loss_sum / run.local_steps).item() / world()[1]
 
 
-def log_progress(run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float, int], bar: tqdm) -> tuple[float, int]:
+def log_progress(
+    run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float, int], bar: tqdm
+) -> tuple[float, int]:
     """Log the last iteration's loss and the speed since `since` (time, iteration); returns the new clock."""
     loss = global_loss(run, loss_sum)  # waits for the device, so the time below is real
     check_finite(loss, "the training loss", run.iter_num)
@@ -478,11 +530,19 @@ def log_progress(run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float
     # Per device: this process's tokens against one device's peak.
     mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
     print0(
-        f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_s:,.0f} tokens/s, "
+        f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+        f"{tokens_per_s:,.0f} tokens/s, "
         f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
     )
     run.metrics.write(
-        {"iter": run.iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
+        {
+            "iter": run.iter_num,
+            "loss": loss,
+            "lr": lr,
+            "ms_per_iter": dt * 1000,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+        }
     )
     bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
     return now, run.iter_num
@@ -615,7 +675,9 @@ def train(cfg: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_error(lambda: train(parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])))
+    exit_on_error(
+        lambda: train(parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0]))
+    )
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ class TokenSetWriter:
         self.token_counts[split] += array.size
 
     def commit(self, meta: dict) -> dict:
-        """Publish the token files and meta.json (meta plus dtype and token counts); returns the meta written."""
+        """Publish the token files and meta.json (meta, dtype and token counts); returns the meta written."""
         for split, count in self.token_counts.items():
             if count == 0:
                 raise DataError(f"the {split} split came out empty: the input is too small to split")
@@ -97,8 +97,11 @@ class TokenSetWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        meta = {**meta, "dtype": self.dtype.name,
-                **{f"{split}_tokens": count for split, count in self.token_counts.items()}}
+        meta = {
+            **meta,
+            "dtype": self.dtype.name,
+            **{f"{split}_tokens": count for split, count in self.token_counts.items()},
+        }
         (self.out_dir / META_NAME).unlink(missing_ok=True)  # from here on the old set reads as incomplete
         for split in SPLITS:
             os.replace(self._tmp_path(split), self.out_dir / f"{split}.bin")
@@ -119,9 +122,15 @@ class TokenSetWriter:
 
 def add_text_input_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
     parser.add_argument("--input", type=Path, help="local text file to use instead of downloading one")
-    parser.add_argument("--out_dir", type=Path, default=default_out_dir,
-                        help="where train.bin, val.bin and meta.json go (default: %(default)s)")
-    parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text if there is no local copy")
+    parser.add_argument(
+        "--out_dir",
+        type=Path,
+        default=default_out_dir,
+        help="where train.bin, val.bin and meta.json go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--url", default=SHAKESPEARE_URL, help="where to download the text if there is no local copy"
+    )
 
 
 def download(url: str, dest: Path) -> None:
@@ -132,8 +141,10 @@ def download(url: str, dest: Path) -> None:
             data = response.read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise DataError(f"could not download {url} ({reason}): connect to the network and re-run, "
-                        "or pass --input PATH to a local copy of the text") from e
+        raise DataError(
+            f"could not download {url} ({reason}): connect to the network and re-run, "
+            "or pass --input PATH to a local copy of the text"
+        ) from e
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, lambda f: f.write(data))
 

@@ -1,5 +1,7 @@
 """Shared test setup: offline data from ../shared when it exists, a download otherwise."""
+
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -31,3 +33,16 @@ def shakespeare_input(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("shakespeare") / "input.txt"
     urllib.request.urlretrieve(SHAKESPEARE_URL, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def char_data(shakespeare_input, tmp_path_factory) -> Path:
+    """Tiny Shakespeare prepared at character level by data/shakespeare_char/prepare.py."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    script = REPO_ROOT / "data/shakespeare_char/prepare.py"
+    subprocess.run(
+        [sys.executable, script, "--input", shakespeare_input, "--out_dir", out],
+        check=True,
+        capture_output=True,
+    )
+    return out

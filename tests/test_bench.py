@@ -1,4 +1,5 @@
 """bench.py and plot.py run end to end at tiny sizes. Nothing here is timed: speed is bench.py's job."""
+
 import json
 
 import pytest
@@ -35,8 +36,10 @@ def test_bench_tiny_preset_writes_every_figure_to_json(tmp_path, capsys, one_thr
 
 def test_plot_writes_png_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
-    records = [{"iter": i, "loss": 4.0 - i / 100, "lr": 1e-3, "ms_per_iter": 10.0, "tokens_per_s": 1e4, "mfu": 0.1}
-               for i in range(0, 100, 10)]
+    records = [
+        {"iter": i, "loss": 4.0 - i / 100, "lr": 1e-3, "ms_per_iter": 10.0, "tokens_per_s": 1e4, "mfu": 0.1}
+        for i in range(0, 100, 10)
+    ]
     records += [{"iter": i, "train_loss": 3.9 - i / 100, "val_loss": 4.0 - i / 100} for i in (0, 50, 99)]
     records.append({"iter": 99, "val_loss_full": 3.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")

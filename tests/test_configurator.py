@@ -1,11 +1,11 @@
 """configurator.py: config files and --key=value flags applied left to right onto a dataclass."""
+
 from __future__ import annotations  # annotations are strings: parse_config must resolve them
 
 import dataclasses
-import sys
 import re
+import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -20,7 +20,7 @@ class Cfg:
     dropout: float = 0.0
     dataset: str = "openwebtext"
     compile: bool = False
-    n_kv_head: Optional[int] = None  # None: same as n_head
+    n_kv_head: int | None = None  # None: same as n_head
     device: str | None = None
     seed: int = dataclasses.field(default=1337, metadata={"help": "random seed"})
 

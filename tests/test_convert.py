@@ -1,5 +1,6 @@
 """convert.py against transformers: import and export keep logits, greedy generation and tensors exact;
 what our model would compute differently is refused with a clear message."""
+
 import json
 import subprocess
 import sys
@@ -14,7 +15,11 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import convert  # noqa: E402  (after the skips: convert.py imports safetensors)
 from checkpoint import (  # noqa: E402
-    CKPT_NAME, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint, save_checkpoint,
+    CKPT_NAME,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    model_from_checkpoint,
+    save_checkpoint,
 )
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -29,13 +34,27 @@ def run_convert(argv: list[str]) -> None:
     assert exit_info.value.code == 0
 
 
-def save_hf_llama(path: Path, n_kv_head: int = 2, tie: bool = False, dtype: torch.dtype = torch.float32,
-                  sharded: bool = False, **overrides) -> Path:
+def save_hf_llama(
+    path: Path,
+    n_kv_head: int = 2,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    sharded: bool = False,
+    **overrides,
+) -> Path:
     """A tiny random LlamaForCausalLM written with save_pretrained (safetensors)."""
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_head, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie, **overrides,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_head,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        **overrides,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -73,14 +92,26 @@ def edit_config(hf_dir: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def train_and_save(out_dir: Path, tie: bool, tokenizer: dict, vocab_size: int = VOCAB, steps: int = 30) -> GPT:
+def train_and_save(
+    out_dir: Path, tie: bool, tokenizer: dict, vocab_size: int = VOCAB, steps: int = 30
+) -> GPT:
     """Our GPT after some AdamW steps, saved as a checkpoint with the given tokenizer. It learns a random
     successor table, so that greedy decoding has clear winners rather than near-ties of untrained logits."""
-    config = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=48,
-                       rope_theta=5000.0, tie_embeddings=tie)
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=48,
+        rope_theta=5000.0,
+        tie_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = GPT(config)
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    optimizer = model.configure_optimizers(
+        weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
+    )
     successor = torch.randperm(vocab_size)
     for _ in range(steps):
         tokens = torch.randint(0, vocab_size, (8, 1))
@@ -91,26 +122,46 @@ def train_and_save(out_dir: Path, tie: bool, tokenizer: dict, vocab_size: int = 
         loss.backward()
         optimizer.step()
     out_dir.mkdir(parents=True)
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(config), "iter_num": steps,
-                     "best_val_loss": 1.0, "config": {}, "tokenizer": tokenizer}, out_dir / CKPT_NAME)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_args": asdict(config),
+            "iter_num": steps,
+            "best_val_loss": 1.0,
+            "config": {},
+            "tokenizer": tokenizer,
+        },
+        out_dir / CKPT_NAME,
+    )
     return model.eval()
 
 
-@pytest.mark.parametrize("n_kv_head, tie, dtype, sharded", [
-    (2, False, torch.float32, False),
-    (4, True, torch.float32, True),
-    (2, True, torch.bfloat16, False),
-    (4, False, torch.bfloat16, True),
-    (1, True, torch.float32, True),
-], ids=["gqa-untied-fp32-single", "mha-tied-fp32-sharded", "gqa-tied-bf16-single", "mha-untied-bf16-sharded",
-        "mqa-tied-fp32-sharded"])
+@pytest.mark.parametrize(
+    "n_kv_head, tie, dtype, sharded",
+    [
+        (2, False, torch.float32, False),
+        (4, True, torch.float32, True),
+        (2, True, torch.bfloat16, False),
+        (4, False, torch.bfloat16, True),
+        (1, True, torch.float32, True),
+    ],
+    ids=[
+        "gqa-untied-fp32-single",
+        "mha-tied-fp32-sharded",
+        "gqa-tied-bf16-single",
+        "mha-untied-bf16-sharded",
+        "mqa-tied-fp32-sharded",
+    ],
+)
 def test_imported_model_logits_match_transformers(tmp_path, n_kv_head, tie, dtype, sharded):
     hf_dir = save_hf_llama(tmp_path / "hf", n_kv_head, tie, dtype, sharded)
     assert (hf_dir / "model.safetensors.index.json").is_file() == sharded
     convert.import_hf(hf_dir, tmp_path / "out")
     checkpoint = load_checkpoint(tmp_path / "out" / CKPT_NAME)
     args = checkpoint["model_args"]
-    mapped = [args[key] for key in ("n_kv_head", "tie_embeddings", "rope_theta", "norm_eps", "intermediate_size")]
+    mapped = [
+        args[key] for key in ("n_kv_head", "tie_embeddings", "rope_theta", "norm_eps", "intermediate_size")
+    ]
     assert mapped == [n_kv_head, tie, 5000.0, 1e-5, 80]
     assert checkpoint["tokenizer"] == {"tokenizer": "hf", "path": str(hf_dir.resolve()), "vocab_size": VOCAB}
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())
@@ -182,19 +233,41 @@ def only_pytorch_bin(hf_dir: Path) -> None:
     (hf_dir / "model.safetensors").rename(hf_dir / "pytorch_model.bin")  # only the name matters here
 
 
-@pytest.mark.parametrize("overrides, edit, message", [
-    ({"attention_bias": True}, None, "attention_bias is true"),
-    ({"mlp_bias": True}, None, "mlp_bias is true"),
-    ({"attention_bias": True}, lambda d: edit_config(d, attention_bias=False), "unexpected .*q_proj.bias"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None, "rope scaling 'linear'"),
-    ({}, lambda d: edit_config(d, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope scaling 'dynamic'"),
-    ({}, gpt2_config, "model_type 'gpt2' \\(GPT2LMHeadModel\\) is not supported"),
-    ({}, lambda d: edit_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
-    ({"head_dim": 16}, None, "head_dim 16 differs"),
-    ({}, drop_tensor, "missing .*up_proj"),
-    ({}, only_pytorch_bin, "only pytorch_model.*bin"),
-], ids=["attention-bias", "mlp-bias", "bias-tensors", "rope-linear", "rope-dynamic-v4-style", "gpt2",
-        "gelu", "head-dim", "missing-tensor", "pytorch-bin"])
+@pytest.mark.parametrize(
+    "overrides, edit, message",
+    [
+        ({"attention_bias": True}, None, "attention_bias is true"),
+        ({"mlp_bias": True}, None, "mlp_bias is true"),
+        (
+            {"attention_bias": True},
+            lambda d: edit_config(d, attention_bias=False),
+            "unexpected .*q_proj.bias",
+        ),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None, "rope scaling 'linear'"),
+        (
+            {},
+            lambda d: edit_config(d, rope_scaling={"type": "dynamic", "factor": 2.0}),
+            "rope scaling 'dynamic'",
+        ),
+        ({}, gpt2_config, "model_type 'gpt2' \\(GPT2LMHeadModel\\) is not supported"),
+        ({}, lambda d: edit_config(d, hidden_act="gelu"), "hidden_act 'gelu'"),
+        ({"head_dim": 16}, None, "head_dim 16 differs"),
+        ({}, drop_tensor, "missing .*up_proj"),
+        ({}, only_pytorch_bin, "only pytorch_model.*bin"),
+    ],
+    ids=[
+        "attention-bias",
+        "mlp-bias",
+        "bias-tensors",
+        "rope-linear",
+        "rope-dynamic-v4-style",
+        "gpt2",
+        "gelu",
+        "head-dim",
+        "missing-tensor",
+        "pytorch-bin",
+    ],
+)
 def test_unsupported_models_are_refused_with_a_clear_error(tmp_path, overrides, edit, message):
     hf_dir = save_hf_llama(tmp_path / "hf", **overrides)
     if edit:
@@ -207,8 +280,12 @@ def test_unsupported_models_are_refused_with_a_clear_error(tmp_path, overrides, 
 def test_cli_refusal_is_one_line_on_stderr_and_exit_code_1(tmp_path):
     hf_dir = save_hf_llama(tmp_path / "hf")
     gpt2_config(hf_dir)
-    result = subprocess.run([sys.executable, "convert.py", "import", str(hf_dir), str(tmp_path / "out")],
-                            cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "convert.py", "import", str(hf_dir), str(tmp_path / "out")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: model_type 'gpt2'") and "Traceback" not in result.stderr
 
@@ -225,7 +302,10 @@ def test_imported_model_samples_through_the_hf_tokenizer_beside_it(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer, backend.decoder = tokenizers.pre_tokenizers.Metaspace(), tokenizers.decoders.Metaspace()
+    backend.pre_tokenizer, backend.decoder = (
+        tokenizers.pre_tokenizers.Metaspace(),
+        tokenizers.decoders.Metaspace(),
+    )
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "</s>"])
     backend.train_from_iterator([text], trainer)
     hf_dir = save_hf_llama(tmp_path / "hf")
@@ -234,6 +314,6 @@ def test_imported_model_samples_through_the_hf_tokenizer_beside_it(tmp_path):
     model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "out")
     assert tokenizer.eot_token == 1 and tokenizer.decode(tokenizer.encode(text)) == text
     ids = tokenizer.encode("To be")
-    continuation = model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids):].tolist()
+    continuation = model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids) :].tolist()
     streamed = b"".join(tokenizer.decode_bytes([i]) for i in continuation).decode()  # as sample.py streams
     assert streamed.strip() == tokenizer.decode(continuation).strip()

@@ -1,4 +1,5 @@
 """data/: the three prepare scripts on local inputs, exact round trips, known counts, and clean failures."""
+
 import json
 import random
 import shutil
@@ -20,8 +21,9 @@ UNREACHABLE_URL = "http://127.0.0.1:9/input.txt"  # the discard port: refused at
 
 def prepare(name: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     script = REPO_ROOT / "data" / name / "prepare.py"
-    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
@@ -61,7 +63,7 @@ def snapshot(data_dir: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def shakespeare_sets(shakespeare_input, tmp_path_factory) -> dict[str, Path]:
-    """Both Shakespeare sets, prepared from another working directory to show the scripts run from anywhere."""
+    """Both Shakespeare sets, prepared from another working directory: the scripts run from anywhere."""
     elsewhere = tmp_path_factory.mktemp("cwd")
     out = {}
     for name in ("shakespeare_char", "shakespeare"):
@@ -73,7 +75,12 @@ def shakespeare_sets(shakespeare_input, tmp_path_factory) -> dict[str, Path]:
 def test_shakespeare_char_has_65_characters_and_round_trips_exactly(shakespeare_sets, shakespeare_input):
     data_dir = shakespeare_sets["shakespeare_char"]
     meta = load_meta(data_dir)
-    assert (meta["tokenizer"], meta["vocab_size"], len(meta["chars"]), meta["dtype"]) == ("char", 65, 65, "uint16")
+    assert (meta["tokenizer"], meta["vocab_size"], len(meta["chars"]), meta["dtype"]) == (
+        "char",
+        65,
+        65,
+        "uint16",
+    )
     assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
     tokenizer = get_tokenizer(meta)
     text = shakespeare_input.read_text(encoding="utf-8")
@@ -85,11 +92,22 @@ def test_shakespeare_char_has_65_characters_and_round_trips_exactly(shakespeare_
 def test_shakespeare_bpe_gives_338025_tokens_and_round_trips_exactly(shakespeare_sets, shakespeare_input):
     data_dir = shakespeare_sets["shakespeare"]
     meta = load_meta(data_dir)
-    assert meta == {"tokenizer": "tiktoken", "encoding": "gpt2", "eot_token": 50256, "vocab_size": 50257,
-                    "dtype": "uint16", "train_tokens": 301_966, "val_tokens": 36_059}
+    assert meta == {
+        "tokenizer": "tiktoken",
+        "encoding": "gpt2",
+        "eot_token": 50256,
+        "vocab_size": 50257,
+        "dtype": "uint16",
+        "train_tokens": 301_966,
+        "val_tokens": 36_059,
+    }
     tokenizer = get_tokenizer(meta)
     text = shakespeare_input.read_text(encoding="utf-8")
-    assert tokenizer.decode(tokens(data_dir, "train").tolist()) + tokenizer.decode(tokens(data_dir, "val").tolist()) == text
+    assert (
+        tokenizer.decode(tokens(data_dir, "train").tolist())
+        + tokenizer.decode(tokens(data_dir, "val").tolist())
+        == text
+    )
 
 
 def test_rerun_from_cached_input_is_byte_identical(shakespeare_sets, shakespeare_input, tmp_path):
@@ -119,7 +137,11 @@ def test_vocabulary_beyond_uint16_switches_to_uint32(tmp_path):
     meta = load_meta(tmp_path)
     assert (meta["vocab_size"], meta["dtype"]) == (70_000, "uint32")
     tokenizer = get_tokenizer(meta)
-    assert tokenizer.decode(tokens(tmp_path, "train").tolist()) + tokenizer.decode(tokens(tmp_path, "val").tolist()) == text
+    assert (
+        tokenizer.decode(tokens(tmp_path, "train").tolist())
+        + tokenizer.decode(tokens(tmp_path, "val").tolist())
+        == text
+    )
 
 
 # --- OpenWebText ------------------------------------------------------------------------------
@@ -129,7 +151,21 @@ def make_documents(n: int, seed: int = 0) -> list[str]:
     """Documents with the awkward parts of web text: non-ASCII, emoji, blank lines, Windows line ends,
     a literal end-of-text marker, surrounding whitespace, and a few empty ones (which prepare skips)."""
     rng = random.Random(seed)
-    words = ["the", "model", "token", "naïve", "café", "日本語", "🙂", "<|endoftext|>", "\n\n", "\r\n", "  ", "GPT-2", "42,"]
+    words = [
+        "the",
+        "model",
+        "token",
+        "naïve",
+        "café",
+        "日本語",
+        "🙂",
+        "<|endoftext|>",
+        "\n\n",
+        "\r\n",
+        "  ",
+        "GPT-2",
+        "42,",
+    ]
     return ["" if i % 997 == 5 else " ".join(rng.choices(words, k=rng.randint(1, 300))) for i in range(n)]
 
 
@@ -143,6 +179,7 @@ def web_corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     """3000 documents: the first half in a .jsonl file, the rest in a .parquet file."""
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+
     documents = make_documents(3000)
     folder = tmp_path_factory.mktemp("corpus")
     with open(folder / "a.jsonl", "w", encoding="utf-8") as f:
@@ -166,8 +203,15 @@ def test_openwebtext_round_trips_every_document_in_order(web_set, web_corpus):
     for split in ("train", "val"):
         assert decoded_documents(web_set, split) == expected[split]
     meta = load_meta(web_set)
-    assert (meta["tokenizer"], meta["encoding"], meta["eot_token"], meta["dtype"]) == ("tiktoken", "gpt2", 50256, "uint16")
-    assert meta["train_tokens"] == len(tokens(web_set, "train")) and meta["val_tokens"] == len(tokens(web_set, "val"))
+    assert (meta["tokenizer"], meta["encoding"], meta["eot_token"], meta["dtype"]) == (
+        "tiktoken",
+        "gpt2",
+        50256,
+        "uint16",
+    )
+    assert meta["train_tokens"] == len(tokens(web_set, "train")) and meta["val_tokens"] == len(
+        tokens(web_set, "val")
+    )
 
 
 def test_openwebtext_output_does_not_depend_on_process_count(web_set, web_corpus, tmp_path):
@@ -186,20 +230,30 @@ def test_openwebtext_reads_txt_files_and_saved_datasets(tmp_path):
     expected = expected_split(documents, val_every=3)
     for source in (txt_dir, tmp_path / "saved"):
         out_dir = tmp_path / f"out_{source.name}"
-        assert_ok(prepare("openwebtext", "--input", source, "--out_dir", out_dir, "--num_proc", 1, "--val_every", 3))
-        assert [decoded_documents(out_dir, split) for split in ("train", "val")] == [expected["train"], expected["val"]]
+        assert_ok(
+            prepare("openwebtext", "--input", source, "--out_dir", out_dir, "--num_proc", 1, "--val_every", 3)
+        )
+        assert [decoded_documents(out_dir, split) for split in ("train", "val")] == [
+            expected["train"],
+            expected["val"],
+        ]
 
 
-@pytest.mark.parametrize("name, content, phrase", [
-    ("empty.jsonl", "", "no documents"),
-    ("one.jsonl", '{"text": "a single document"}\n', "too small"),
-    ("bad.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n', "bad.jsonl:2"),
-    ("broken.jsonl", '{"text": "fine"}\n{"text": \n', "broken.jsonl:2"),
-    ("corpus.csv", "text\nhello\n", "expected a .txt/.jsonl/.parquet file"),
-])
+@pytest.mark.parametrize(
+    "name, content, phrase",
+    [
+        ("empty.jsonl", "", "no documents"),
+        ("one.jsonl", '{"text": "a single document"}\n', "too small"),
+        ("bad.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n', "bad.jsonl:2"),
+        ("broken.jsonl", '{"text": "fine"}\n{"text": \n', "broken.jsonl:2"),
+        ("corpus.csv", "text\nhello\n", "expected a .txt/.jsonl/.parquet file"),
+    ],
+)
 def test_openwebtext_bad_input_fails_clearly(tmp_path, name, content, phrase):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    result = prepare("openwebtext", "--input", tmp_path / name, "--out_dir", tmp_path / "set", "--num_proc", 1)
+    result = prepare(
+        "openwebtext", "--input", tmp_path / name, "--out_dir", tmp_path / "set", "--num_proc", 1
+    )
     assert_clean_failure(result, phrase)
     assert not (tmp_path / "set" / "train.bin").exists()
     assert not list(tmp_path.glob("set/*.tmp"))
@@ -220,7 +274,9 @@ def test_failed_rerun_leaves_the_previous_set_intact(web_set, web_corpus, tmp_pa
     before = snapshot(out_dir)
     lines = [json.dumps({"text": doc}) for doc in web_corpus[1]] + ["{not json"]
     (tmp_path / "late_error.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = prepare("openwebtext", "--input", tmp_path / "late_error.jsonl", "--out_dir", out_dir, "--num_proc", 2)
+    result = prepare(
+        "openwebtext", "--input", tmp_path / "late_error.jsonl", "--out_dir", out_dir, "--num_proc", 2
+    )
     assert_clean_failure(result, f"late_error.jsonl:{len(lines)}")
     assert snapshot(out_dir) == before
 

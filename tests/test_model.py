@@ -1,4 +1,5 @@
 """model.py against transformers' Llama, and the invariants generation relies on."""
+
 import pytest
 import torch
 
@@ -27,10 +28,18 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
 def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
     cfg = model.config
     hf_config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     q_size, kv_size = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
@@ -42,9 +51,13 @@ def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
             q, k, v = ours.attn.wqkv.weight.split([q_size, kv_size, kv_size])
             gate, up = ours.mlp.gate_up.weight.chunk(2)
             for dst, src in [
-                (theirs.self_attn.q_proj, q), (theirs.self_attn.k_proj, k), (theirs.self_attn.v_proj, v),
-                (theirs.self_attn.o_proj, ours.attn.wo.weight), (theirs.mlp.gate_proj, gate),
-                (theirs.mlp.up_proj, up), (theirs.mlp.down_proj, ours.mlp.down.weight),
+                (theirs.self_attn.q_proj, q),
+                (theirs.self_attn.k_proj, k),
+                (theirs.self_attn.v_proj, v),
+                (theirs.self_attn.o_proj, ours.attn.wo.weight),
+                (theirs.mlp.gate_proj, gate),
+                (theirs.mlp.up_proj, up),
+                (theirs.mlp.down_proj, ours.mlp.down.weight),
                 (theirs.input_layernorm, ours.attn_norm.weight),
                 (theirs.post_attention_layernorm, ours.mlp_norm.weight),
             ]:
@@ -137,14 +150,19 @@ def test_top_k_one_equals_greedy():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     for _ in range(5):
-        assert torch.equal(sample_next_token(logits, temperature=1.3, top_k=1), logits.argmax(-1, keepdim=True))
+        assert torch.equal(
+            sample_next_token(logits, temperature=1.3, top_k=1), logits.argmax(-1, keepdim=True)
+        )
     assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1, keepdim=True))
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.25, 0.2]])
     logits = probs.log()
-    kept = lambda p: (filter_logits(logits, top_p=p) > float("-inf"))[0].nonzero().flatten().tolist()
+
+    def kept(p: float) -> list[int]:
+        return (filter_logits(logits, top_p=p) > float("-inf"))[0].nonzero().flatten().tolist()
+
     assert kept(0.39) == [1]  # the top token alone reaches it
     assert kept(0.41) == [1, 3]  # 0.4 + 0.25
     assert kept(0.64) == [1, 3]
@@ -176,7 +194,7 @@ def test_tiny_model_overfits_one_batch():
     optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, config.vocab_size, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    for step in range(300):
+    for step in range(300):  # noqa: B007 (the message below reports it)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,7 +213,9 @@ def test_targets_of_minus_one_are_ignored():
     y_masked[:, 5:] = -1
     _, loss_masked = model(x, y_masked)
     logits, _ = model(x, y)
-    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, config.vocab_size), y[:, :5].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :5].reshape(-1, config.vocab_size), y[:, :5].reshape(-1)
+    )
     assert torch.allclose(loss_masked, expected)
 
 

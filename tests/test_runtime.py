@@ -4,7 +4,15 @@ import pytest
 import torch
 
 import runtime
-from runtime import ConfigError, UserError, atomic_write, datasheet_peak_flops, exit_on_error, pick_device, pick_dtype
+from runtime import (
+    ConfigError,
+    UserError,
+    atomic_write,
+    datasheet_peak_flops,
+    exit_on_error,
+    pick_device,
+    pick_dtype,
+)
 
 
 def test_auto_dtype_is_float32_off_cuda_and_names_are_checked():

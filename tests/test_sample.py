@@ -1,5 +1,6 @@
 """sample.py against tiny checkpoints built here: a random character-level model, and a GPT-2 BPE model
 set by hand to repeat a text whose BPE tokens split multi-byte characters."""
+
 import dataclasses
 import io
 import subprocess
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 import sample
 from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
-from conftest import REPO_ROOT
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -23,8 +24,13 @@ SAMPLE_SEPARATOR = "\n" + sample.SEPARATOR + "\n"
 
 def save_tiny_checkpoint(out_dir: Path, model: GPT, meta: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
-                  "tokenizer": meta, "iter_num": 0, "config": {}}
+    checkpoint = {
+        "model": model.state_dict(),
+        "model_args": dataclasses.asdict(model.config),
+        "tokenizer": meta,
+        "iter_num": 0,
+        "config": {},
+    }
     save_checkpoint(checkpoint, out_dir / CKPT_NAME)
     return out_dir
 
@@ -42,8 +48,11 @@ def char_dir(tmp_path_factory, shakespeare_input) -> Path:
 def bpe_dir(tmp_path_factory) -> Path:
     """GPT-2 vocabulary; weights set by hand to a bigram model that repeats MULTIBYTE's tokens forever."""
     cycle = get_tokenizer(BPE_META).encode(MULTIBYTE)  # 11 distinct tokens
-    model = GPT(GPTConfig(vocab_size=50257, block_size=BLOCK_SIZE, n_layer=1, n_head=2, n_embd=16,
-                          tie_embeddings=False))
+    model = GPT(
+        GPTConfig(
+            vocab_size=50257, block_size=BLOCK_SIZE, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False
+        )
+    )
     basis = torch.eye(16)
     with torch.no_grad():
         for block in model.layers:  # silenced, so the last hidden state is the current token's embedding
@@ -63,13 +72,14 @@ def run_sample(capsys, out_dir: Path, *flags: str) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-def model_continuations(out_dir: Path, prompt_ids: list[int], n: int, rows: int = 1, seed: int = 0,
-                        **sampling) -> list[str]:
+def model_continuations(
+    out_dir: Path, prompt_ids: list[int], n: int, rows: int = 1, seed: int = 0, **sampling
+) -> list[str]:
     """What the model itself generates after prompt_ids, decoded, for a batch of rows copies of the prompt."""
     model, tokenizer, _ = load_model_and_tokenizer(out_dir)
     idx = torch.tensor([prompt_ids] * rows)
     torch.manual_seed(seed)
-    generated = model.generate(idx, n, **sampling)[:, len(prompt_ids):]
+    generated = model.generate(idx, n, **sampling)[:, len(prompt_ids) :]
     return [tokenizer.decode(row) for row in generated.tolist()]
 
 
@@ -96,8 +106,16 @@ def test_fixed_seed_reproduces_sampled_output_and_another_seed_differs(capsys, c
 
 
 def test_num_samples_are_one_batch_printed_between_dashes(capsys, char_dir):
-    out, err = run_sample(capsys, char_dir, "--start=ROMEO:", "--num_samples=3", "--temperature=1.0",
-                          "--top_p=0.9", "--max_new_tokens=20", "--seed=5")
+    out, err = run_sample(
+        capsys,
+        char_dir,
+        "--start=ROMEO:",
+        "--num_samples=3",
+        "--temperature=1.0",
+        "--top_p=0.9",
+        "--max_new_tokens=20",
+        "--seed=5",
+    )
     prompt_ids = encode(char_dir, "ROMEO:")
     rows = model_continuations(char_dir, prompt_ids, 20, rows=3, seed=5, temperature=1.0, top_p=0.9)
     assert out == SAMPLE_SEPARATOR.join("ROMEO:" + row for row in rows) + "\n"
@@ -126,7 +144,9 @@ def test_bfloat16_autocast_generates_on_cpu(capsys, char_dir):
 def test_file_prompt_reads_the_prompt_from_the_file(capsys, char_dir, tmp_path):
     prompt = "First Citizen:\nBefore we proceed"
     (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
-    from_file, _ = run_sample(capsys, char_dir, f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=20")
+    from_file, _ = run_sample(
+        capsys, char_dir, f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=20"
+    )
     inline, _ = run_sample(capsys, char_dir, f"--start={prompt}", "--max_new_tokens=20")
     assert from_file == inline
     assert from_file.startswith(prompt)
@@ -164,7 +184,7 @@ def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
     tokenizer = get_tokenizer(BPE_META)
     model, _, _ = load_model_and_tokenizer(bpe_dir)
     prompt_ids = tokenizer.encode(MULTIBYTE)
-    new_ids = model.generate(torch.tensor([prompt_ids]), 22, temperature=0)[0, len(prompt_ids):].tolist()
+    new_ids = model.generate(torch.tensor([prompt_ids]), 22, temperature=0)[0, len(prompt_ids) :].tolist()
 
     def is_whole_text(ids: list[int]) -> bool:
         try:
@@ -176,10 +196,22 @@ def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
     assert not all(is_whole_text([i]) for i in new_ids), "the test needs tokens that split a character"
     assert is_whole_text(new_ids)
     result = subprocess.run(
-        [sys.executable, "sample.py", f"--out_dir={bpe_dir}", f"--start={MULTIBYTE}", "--temperature=0",
-         "--max_new_tokens=22"], cwd=REPO_ROOT, capture_output=True, timeout=120)
+        [
+            sys.executable,
+            "sample.py",
+            f"--out_dir={bpe_dir}",
+            f"--start={MULTIBYTE}",
+            "--temperature=0",
+            "--max_new_tokens=22",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode("utf-8") == MULTIBYTE + tokenizer.decode(new_ids) + "\n"  # strict: no broken bytes
+    assert (
+        result.stdout.decode("utf-8") == MULTIBYTE + tokenizer.decode(new_ids) + "\n"
+    )  # strict: no broken bytes
 
 
 def write_file(path: Path, content: bytes) -> Path:
@@ -188,27 +220,32 @@ def write_file(path: Path, content: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, expected_message, expected_status", [
-    ("missing checkpoint", "no checkpoint at", 1),
-    ("corrupt checkpoint", "corrupt", 1),
-    ("checkpoint without tokenizer", "records no tokenizer", 1),
-    ("characters outside the vocabulary", "'日' '本'", 1),
-    ("missing prompt file", "cannot read the prompt file", 1),
-    ("empty prompt, no newline in the vocabulary", "an empty prompt starts from a newline", 1),
-    ("negative temperature", "temperature must be 0 (greedy) or more", 2),
-    ("unknown device", "unknown device", 2),
-    ("unknown key", "unknown config key 'temprature'", 2),
-])
-def test_bad_input_exits_nonzero_with_a_clear_message(capsys, char_dir, tmp_path, case, expected_message,
-                                                      expected_status):
+@pytest.mark.parametrize(
+    "case, expected_message, expected_status",
+    [
+        ("missing checkpoint", "no checkpoint at", 1),
+        ("corrupt checkpoint", "corrupt", 1),
+        ("checkpoint without tokenizer", "records no tokenizer", 1),
+        ("characters outside the vocabulary", "'日' '本'", 1),
+        ("missing prompt file", "cannot read the prompt file", 1),
+        ("empty prompt, no newline in the vocabulary", "an empty prompt starts from a newline", 1),
+        ("negative temperature", "temperature must be 0 (greedy) or more", 2),
+        ("unknown device", "unknown device", 2),
+        ("unknown key", "unknown config key 'temprature'", 2),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_clear_message(
+    capsys, char_dir, tmp_path, case, expected_message, expected_status
+):
     no_newline_meta = {"tokenizer": "char", "chars": ["a", "b", " "], "vocab_size": 3}
     tiny = GPTConfig(vocab_size=3, block_size=8, n_layer=1, n_head=2, n_embd=8)
     out_dir = {  # built only for its own case
         "missing checkpoint": lambda: tmp_path / "nothing",
         "corrupt checkpoint": lambda: write_file(tmp_path / CKPT_NAME, b"not a checkpoint").parent,
         "checkpoint without tokenizer": lambda: save_tiny_checkpoint(tmp_path, GPT(tiny), {}),
-        "empty prompt, no newline in the vocabulary":
-            lambda: save_tiny_checkpoint(tmp_path, GPT(tiny), no_newline_meta),
+        "empty prompt, no newline in the vocabulary": lambda: save_tiny_checkpoint(
+            tmp_path, GPT(tiny), no_newline_meta
+        ),
     }.get(case, lambda: char_dir)()
     flags = {
         "characters outside the vocabulary": ["--start=日本 ROMEO"],
@@ -227,8 +264,13 @@ def test_bad_input_exits_nonzero_with_a_clear_message(capsys, char_dir, tmp_path
 
 def test_cli_error_has_no_traceback(tmp_path):
     write_file(tmp_path / CKPT_NAME, b"\x00truncated")
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "sample.py", f"--out_dir={tmp_path}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot read checkpoint")
@@ -239,6 +281,14 @@ def test_help_documents_the_defined_behaviours(capsys):
         sample.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for documented in ("end-of-text token", "FILE:path", "last block_size", "outside a character-level vocabulary",
-                       "missing, corrupt", "separated by a line", "one batch", "--top_p=None"):
+    for documented in (
+        "end-of-text token",
+        "FILE:path",
+        "last block_size",
+        "outside a character-level vocabulary",
+        "missing, corrupt",
+        "separated by a line",
+        "one batch",
+        "--top_p=None",
+    ):
         assert documented in help_text

@@ -32,5 +32,12 @@ def _is_utf8(data: bytes) -> bool:
 
 
 def test_a_checkpoint_records_the_tokenizer_entries_of_meta_json_only():
-    meta = {"tokenizer": "char", "chars": ["a"], "vocab_size": 1, "dtype": "uint16", "train_tokens": 9, "val_tokens": 1}
+    meta = {
+        "tokenizer": "char",
+        "chars": ["a"],
+        "vocab_size": 1,
+        "dtype": "uint16",
+        "train_tokens": 9,
+        "val_tokens": 1,
+    }
     assert tokenizer_entry(meta) == {"tokenizer": "char", "chars": ["a"], "vocab_size": 1}

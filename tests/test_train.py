@@ -4,6 +4,7 @@ Most runs call train.main in this process (no interpreter start-up per run); the
 end-to-end tests start real processes. Tiny models gain nothing from threads and a shared CPU makes
 thread pools spin, so everything runs single-threaded.
 """
+
 import json
 import math
 import os
@@ -25,9 +26,20 @@ from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
-    "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-    "--gradient_accumulation_steps=2", "--eval_iters=2", "--eval_interval=1000", "--log_interval=1",
-    "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_full=False", "--seed=7",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--eval_iters=2",
+    "--eval_interval=1000",
+    "--log_interval=1",
+    "--warmup_iters=2",
+    "--learning_rate=3e-3",
+    "--min_lr=3e-4",
+    "--eval_full=False",
+    "--seed=7",
 )
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -38,16 +50,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def char_data(shakespeare_input, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    subprocess.run(
-        [sys.executable, REPO / "data/shakespeare_char/prepare.py", "--input", shakespeare_input, "--out_dir", out],
-        check=True, capture_output=True,
-    )
-    return out
 
 
 def run_train(out_dir: Path, data_dir: Path, *flags: str) -> int:
@@ -71,9 +73,23 @@ def metric(out_dir: Path, key: str) -> dict[int, float]:
 def test_training_end_to_end_lowers_loss_and_writes_a_sampleable_checkpoint(char_data, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, *train_cmd(out, char_data, "--max_iters=60", "--eval_interval=30", "--log_interval=10",
-                                    "--learning_rate=1e-2", "--eval_full=True", "--batch_size=16")],
-        capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300,
+        [
+            sys.executable,
+            *train_cmd(
+                out,
+                char_data,
+                "--max_iters=60",
+                "--eval_interval=30",
+                "--log_interval=10",
+                "--learning_rate=1e-2",
+                "--eval_full=True",
+                "--batch_size=16",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "full val loss" in result.stdout
@@ -96,7 +112,12 @@ def test_training_end_to_end_lowers_loss_and_writes_a_sampleable_checkpoint(char
 @pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(char_data, tmp_path, dropout):
-    common = ("--eval_interval=4", "--always_save_checkpoint=True", "--lr_decay_iters=8", f"--dropout={dropout}")
+    common = (
+        "--eval_interval=4",
+        "--always_save_checkpoint=True",
+        "--lr_decay_iters=8",
+        f"--dropout={dropout}",
+    )
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(straight, char_data, "--max_iters=8", *common) == 0
     assert run_train(split, char_data, "--max_iters=4", *common) == 0
@@ -111,8 +132,13 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(char_data, tmp_path, dr
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(char_data, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, *train_cmd(out, char_data, "--max_iters=100000")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=SUBPROCESS_ENV)
+    proc = subprocess.Popen(
+        [sys.executable, *train_cmd(out, char_data, "--max_iters=100000")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
     for line in proc.stdout:
         if line.startswith("iter 1: loss"):
             proc.send_signal(signal.SIGTERM)
@@ -124,7 +150,9 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(char_data, tmp_path):
     assert 1 <= stopped_at < 100
 
     assert run_train(out, char_data, f"--max_iters={stopped_at + 3}", "--init_from=resume") == 0
-    assert load_checkpoint(out / CKPT_NAME)["iter_num"] == stopped_at + 3  # the final eval improved, so it saved
+    assert (
+        load_checkpoint(out / CKPT_NAME)["iter_num"] == stopped_at + 3
+    )  # the final eval improved, so it saved
     assert max(metric(out, "loss")) == stopped_at + 3
 
 
@@ -142,8 +170,16 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(char_data, 
     monkeypatch.setattr(torch, "save", save_then_crash)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="simulated crash"):
-        train.main([f"--out_dir={out}", f"--data_dir={char_data}", *TINY, "--max_iters=4", "--eval_interval=2",
-                    "--always_save_checkpoint=True"])
+        train.main(
+            [
+                f"--out_dir={out}",
+                f"--data_dir={char_data}",
+                *TINY,
+                "--max_iters=4",
+                "--eval_interval=2",
+                "--always_save_checkpoint=True",
+            ]
+        )
     monkeypatch.undo()
     checkpoint = load_checkpoint(out / CKPT_NAME)
     assert checkpoint["iter_num"] == 2
@@ -156,9 +192,19 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path):
     to 1e-5 relative (not bitwise)."""
     flags = ("--max_iters=6", "--gradient_accumulation_steps=4", "--dropout=0.1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         *train_cmd(tmp_path / "ddp", char_data, *flags)],
-        capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *train_cmd(tmp_path / "ddp", char_data, *flags),
+        ],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert run_train(tmp_path / "single", char_data, *flags) == 0
@@ -170,7 +216,9 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path):
 
 def test_gradient_accumulation_must_divide_among_processes(char_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "world", lambda: (0, 3))
-    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2  # a bad config value
+    assert (
+        run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2
+    )  # a bad config value
     assert "must be a multiple of 3" in capsys.readouterr().err
 
 
@@ -187,10 +235,21 @@ def test_init_from_a_converted_checkpoint_starts_a_new_run_with_its_shape(char_d
     source = tmp_path / "converted"
     source.mkdir()
     shape = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
-    save_checkpoint({"model": GPT(shape).state_dict(), "model_args": vars(shape), "iter_num": 0, "config": {},
-                     "tokenizer": {"tokenizer": "char"}}, source / CKPT_NAME)
+    save_checkpoint(
+        {
+            "model": GPT(shape).state_dict(),
+            "model_args": vars(shape),
+            "iter_num": 0,
+            "config": {},
+            "tokenizer": {"tokenizer": "char"},
+        },
+        source / CKPT_NAME,
+    )
     out = tmp_path / "out"
-    assert run_train(out, char_data, f"--init_from={source}", "--max_iters=2", "--always_save_checkpoint=True") == 0
+    assert (
+        run_train(out, char_data, f"--init_from={source}", "--max_iters=2", "--always_save_checkpoint=True")
+        == 0
+    )
     assert "shape comes from" in capsys.readouterr().out
     checkpoint = load_checkpoint(out / CKPT_NAME)
     assert checkpoint["model_args"] == vars(shape)
@@ -204,8 +263,16 @@ def test_eval_only_reports_the_full_val_loss_of_a_checkpoint(char_data, tmp_path
     before = (out / CKPT_NAME).read_bytes()
     # Deliberately without the run's shape flags: evaluation takes the checkpoint's shape.
     with pytest.raises(SystemExit) as exit_info:
-        train.main([f"--out_dir={out}", f"--data_dir={char_data}", "--eval_only", "--init_from=resume",
-                    "--eval_iters=2", "--batch_size=64"])
+        train.main(
+            [
+                f"--out_dir={out}",
+                f"--data_dir={char_data}",
+                "--eval_only",
+                "--init_from=resume",
+                "--eval_iters=2",
+                "--batch_size=64",
+            ]
+        )
     assert exit_info.value.code == 0
     assert "full val loss" in capsys.readouterr().out
     assert set(metric(out, "val_loss_full")) == {2}
@@ -215,7 +282,9 @@ def test_eval_only_reports_the_full_val_loss_of_a_checkpoint(char_data, tmp_path
 def test_full_val_loss_predicts_every_token_exactly_once():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
-    tokens = np.random.default_rng(0).integers(0, 11, size=103).astype(np.uint16)  # 102 targets: 12 windows + 6
+    tokens = (
+        np.random.default_rng(0).integers(0, 11, size=103).astype(np.uint16)
+    )  # 102 targets: 12 windows + 6
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(tokens) - 1, 8):
@@ -277,8 +346,9 @@ def test_wrong_type_exits_2(capsys):
 
 
 def test_help_lists_every_key_and_exits_0():
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
-                            env=SUBPROCESS_ENV)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
     assert result.returncode == 0
     for key in vars(train.TrainConfig()):
         assert f"--{key}=" in result.stdout
@@ -287,7 +357,9 @@ def test_help_lists_every_key_and_exits_0():
 # --- bad input: one line on stderr, exit 1 (bad files or data) or 2 (bad config values) ----------
 
 
-def expect_error(out_dir: Path, data_dir: Path, flags: list[str], message: str, capsys, code: int = 1) -> None:
+def expect_error(
+    out_dir: Path, data_dir: Path, flags: list[str], message: str, capsys, code: int = 1
+) -> None:
     assert run_train(out_dir, data_dir, *flags) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
@@ -305,7 +377,9 @@ def test_block_size_larger_than_the_data_is_refused(char_data, tmp_path, capsys)
 def test_resume_with_another_model_shape_is_refused(char_data, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_train(out, char_data, "--max_iters=1", "--always_save_checkpoint=True") == 0
-    expect_error(out, char_data, ["--init_from=resume", "--n_layer=3"], "n_layer=2 (config: 3)", capsys, code=2)
+    expect_error(
+        out, char_data, ["--init_from=resume", "--n_layer=3"], "n_layer=2 (config: 3)", capsys, code=2
+    )
 
 
 def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
     python data/openwebtext/prepare.py [--input PATH] [--out_dir DIR] [--num_proc N]
 
-Without --input the corpus comes from the Hugging Face hub (~8M documents, ~9B tokens; tens of GB to download).
+Without --input the corpus comes from the Hugging Face hub (~8M documents, ~9B tokens; tens of GB to
+download).
 --input reads local documents instead:
   .txt      one document per file, read whole (as the original OpenWebText release: a folder of pages)
   .jsonl    one document per line, in the "text" field
@@ -13,14 +14,15 @@ Empty documents are skipped. Document 0 and every --val_every-th after it go to 
 default, spread over the whole corpus); the rest go to train.bin, both in corpus order. The output
 depends only on the input, not on --num_proc, and memory stays bounded however large the corpus.
 """
+
 import argparse
 import json
 import os
 import sys
 from collections import deque
+from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -32,7 +34,9 @@ from tokenizer import load_tiktoken
 HF_DATASET = "Skylion007/openwebtext"  # the hub name that "openwebtext" redirects to
 ENCODING = "gpt2"
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
-BATCH_CHARS = 1_000_000  # text per worker task: large enough to amortise pickling, small enough to bound memory
+BATCH_CHARS = (
+    1_000_000  # text per worker task: large enough to amortise pickling, small enough to bound memory
+)
 
 Documents = tuple[Iterator[str], int | None]  # the texts, and how many there are when cheap to know
 
@@ -55,7 +59,7 @@ def read_jsonl(path: Path) -> Iterator[str]:
             except (json.JSONDecodeError, AttributeError) as e:
                 raise DataError(f"{path}:{line_no}: not a JSON object ({e})") from e
             if not isinstance(text, str):
-                raise DataError(f"{path}:{line_no}: no string field \"text\" in this record")
+                raise DataError(f'{path}:{line_no}: no string field "text" in this record')
             yield text
 
 
@@ -66,7 +70,7 @@ def parquet_file(path: Path):
         raise DataError("reading .parquet needs pyarrow: pip install pyarrow") from e
     file = pq.ParquetFile(path)
     if "text" not in file.schema_arrow.names:
-        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(file.schema_arrow.names)})")
+        raise DataError(f'{path} has no "text" column (columns: {", ".join(file.schema_arrow.names)})')
     return file
 
 
@@ -101,8 +105,10 @@ def import_datasets():
     try:
         import datasets
     except ImportError as e:
-        raise DataError("this source needs Hugging Face datasets: pip install datasets "
-                        "(or pass --input with .txt/.jsonl/.parquet files)") from e
+        raise DataError(
+            "this source needs Hugging Face datasets: pip install datasets "
+            "(or pass --input with .txt/.jsonl/.parquet files)"
+        ) from e
     return datasets
 
 
@@ -110,7 +116,7 @@ def read_dataset(dataset) -> Documents:
     """Texts of a datasets.Dataset, read in batches. Its Arrow files are memory-mapped: pages read
     show in RSS but are the OS's file cache, which it reclaims under pressure."""
     if "text" not in dataset.column_names:
-        raise DataError(f"the dataset has no \"text\" column (columns: {', '.join(dataset.column_names)})")
+        raise DataError(f'the dataset has no "text" column (columns: {", ".join(dataset.column_names)})')
     batches = dataset.select_columns(["text"]).iter(batch_size=1024)
     return (text for batch in batches for text in batch["text"]), len(dataset)
 
@@ -121,12 +127,16 @@ def open_corpus(source: Path | None, num_proc: int) -> Documents:
         try:
             dataset = datasets.load_dataset(HF_DATASET, split="train", num_proc=num_proc)
         except Exception as e:  # network, hub and format failures come as many exception types
-            raise DataError(f"could not load {HF_DATASET} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                            "connect to the network, or pass --input PATH to a local corpus") from e
+            raise DataError(
+                f"could not load {HF_DATASET} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                "connect to the network, or pass --input PATH to a local corpus"
+            ) from e
         return read_dataset(dataset)
     if not source.exists():
         raise DataError(f"--input {source} does not exist")
-    if source.is_dir() and any((source / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
+    if source.is_dir() and any(
+        (source / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")
+    ):
         datasets = import_datasets()
         dataset = datasets.load_from_disk(str(source))
         if isinstance(dataset, datasets.DatasetDict):
@@ -134,10 +144,16 @@ def open_corpus(source: Path | None, num_proc: int) -> Documents:
                 raise DataError(f"{source} holds splits {list(dataset)}, none named 'train'")
             dataset = dataset["train"]
         return read_dataset(dataset)
-    paths = sorted(p for p in source.rglob("*") if p.suffix in FILE_TYPES and p.is_file()) if source.is_dir() else [source]
+    paths = (
+        sorted(p for p in source.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
+        if source.is_dir()
+        else [source]
+    )
     if not paths or paths[0].suffix not in FILE_TYPES:
-        raise DataError(f"--input {source}: expected a {'/'.join(FILE_TYPES)} file, a folder of them, "
-                        "or a folder written by datasets' save_to_disk")
+        raise DataError(
+            f"--input {source}: expected a {'/'.join(FILE_TYPES)} file, a folder of them, "
+            "or a folder written by datasets' save_to_disk"
+        )
     return read_files(paths)
 
 
@@ -182,8 +198,9 @@ def encode_batch(task: tuple[int, list[str]]) -> tuple[np.ndarray, np.ndarray, i
     return np.array(ids["train"], dtype), np.array(ids["val"], dtype), n_docs["train"], n_docs["val"]
 
 
-def encode_in_order(tasks: Iterable[tuple[int, list[str]]], num_proc: int, val_every: int,
-                    dtype: str) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+def encode_in_order(
+    tasks: Iterable[tuple[int, list[str]]], num_proc: int, val_every: int, dtype: str
+) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
     """encode_batch over tasks, results in input order. At most 2 * num_proc tasks are in flight:
     Pool.imap would read ahead without limit and could hold the whole corpus in memory."""
     if num_proc == 1:
@@ -201,12 +218,25 @@ def encode_in_order(tasks: Iterable[tuple[int, list[str]]], num_proc: int, val_e
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", type=Path, help="local corpus (see above); default: download from the hub")
-    parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent,
-                        help="where train.bin, val.bin and meta.json go (default: %(default)s)")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenising processes (default: %(default)s)")
-    parser.add_argument("--val_every", type=int, default=2000, help="every N-th document goes to val (default: %(default)s)")
+    parser.add_argument(
+        "--out_dir",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="where train.bin, val.bin and meta.json go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num_proc",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenising processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val_every", type=int, default=2000, help="every N-th document goes to val (default: %(default)s)"
+    )
     args = parser.parse_args()
     if args.num_proc < 1 or args.val_every < 2:
         parser.error("--num_proc must be at least 1 and --val_every at least 2")
@@ -215,8 +245,13 @@ def main() -> None:
     dtype = dtype_for_vocab(enc.n_vocab)
     texts, n_total = open_corpus(args.input, args.num_proc)
     n_docs = {"train": 0, "val": 0}
-    with TokenSetWriter(args.out_dir, dtype) as writer, tqdm(total=n_total, unit="doc", desc="tokenising") as progress:
-        for train_ids, val_ids, n_train, n_val in encode_in_order(batches_of(texts), args.num_proc, args.val_every, dtype):
+    with (
+        TokenSetWriter(args.out_dir, dtype) as writer,
+        tqdm(total=n_total, unit="doc", desc="tokenising") as progress,
+    ):
+        for train_ids, val_ids, n_train, n_val in encode_in_order(
+            batches_of(texts), args.num_proc, args.val_every, dtype
+        ):
             writer.write("train", train_ids)
             writer.write("val", val_ids)
             n_docs["train"] += n_train
@@ -224,10 +259,19 @@ def main() -> None:
             progress.update(n_train + n_val)
         if n_docs["train"] + n_docs["val"] == 0:
             raise DataError(f"no documents with text found in {args.input or HF_DATASET}")
-        meta = writer.commit({"tokenizer": "tiktoken", "encoding": ENCODING, "eot_token": enc.eot_token,
-                              "vocab_size": enc.n_vocab})
-    print(f"train {n_docs['train']:,} documents, {meta['train_tokens']:,} tokens; val {n_docs['val']:,} documents, "
-          f"{meta['val_tokens']:,} tokens ({meta['dtype']}); written to {args.out_dir}")
+        meta = writer.commit(
+            {
+                "tokenizer": "tiktoken",
+                "encoding": ENCODING,
+                "eot_token": enc.eot_token,
+                "vocab_size": enc.n_vocab,
+            }
+        )
+    print(
+        f"train {n_docs['train']:,} documents, {meta['train_tokens']:,} tokens; "
+        f"val {n_docs['val']:,} documents, "
+        f"{meta['val_tokens']:,} tokens ({meta['dtype']}); written to {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,27 @@
 """Tiny Shakespeare, character level: the vocabulary is the set of characters in the text; 90/10 split.
 
-    python data/shakespeare_char/prepare.py [--input PATH] [--out_dir DIR]
+python data/shakespeare_char/prepare.py [--input PATH] [--out_dir DIR]
 """
+
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import TokenSetWriter, add_text_input_args, dtype_for_vocab, read_input_text, run_cli, split_text
+from data.common import (
+    TokenSetWriter,
+    add_text_input_args,
+    dtype_for_vocab,
+    read_input_text,
+    run_cli,
+    split_text,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_text_input_args(parser, default_out_dir=Path(__file__).resolve().parent)
     args = parser.parse_args()
 
@@ -23,8 +33,10 @@ def main() -> None:
         writer.write("train", [stoi[ch] for ch in train_text])
         writer.write("val", [stoi[ch] for ch in val_text])
         meta = writer.commit({"tokenizer": "char", "chars": chars, "vocab_size": len(chars)})
-    print(f"vocab size {meta['vocab_size']:,} ({meta['dtype']}); train {meta['train_tokens']:,} tokens, "
-          f"val {meta['val_tokens']:,} tokens; written to {args.out_dir}")
+    print(
+        f"vocab size {meta['vocab_size']:,} ({meta['dtype']}); train {meta['train_tokens']:,} tokens, "
+        f"val {meta['val_tokens']:,} tokens; written to {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":
