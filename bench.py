@@ -93,10 +93,8 @@ def to_peer(model: GPT):
     peer = LlamaForCausalLM(peer_config)
     weights = to_hf(model.state_dict(), cfg, dtype)
     missing, unexpected = peer.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (
-        missing,
-        unexpected,
-    )  # tied lm_head: no entry
+    # A tied lm_head has no entry of its own.
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return peer.to(model.lm_head.weight.device)
 
 
@@ -224,9 +222,8 @@ def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, p
     model.train()
     peer = to_peer(model).train()
     step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
-    dt_ours, dt_peer = median_times(
-        step_ours, step_peer, preset.train_steps, device, warm_up=True
-    )  # AdamW state
+    # The warm-up step creates AdamW's state.
+    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device, warm_up=True)
     tokens = preset.batch_size * preset.seq_len
     flops = model.flops_per_token(preset.seq_len) * tokens  # the same count for both: same architecture
     return {

@@ -49,9 +49,7 @@ class SampleConfig:
     top_p: float | None = None  # sample only within the smallest set of probability >= top_p; None for all
     seed: int = 1337  # the same seed, checkpoint, prompt and device give the same samples
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
-    dtype: str = (
-        "auto"  # auto (bfloat16 on CUDA, float16 where bf16 is unsupported, else float32) or one of those
-    )
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     compile: bool = False  # torch.compile the model: a slow first token, faster ones after
 
 

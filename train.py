@@ -51,16 +51,12 @@ REPO_DIR = Path(__file__).resolve().parent
 class TrainConfig:
     # I/O
     out_dir: str = "out"  # ckpt.pt, config.json and metrics.jsonl go here
-    init_from: str = (
-        "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file/folder to start anew from
-    )
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint to start anew from
     eval_interval: int = 250  # iterations between evaluations; a checkpoint is saved when val loss improves
     eval_iters: int = 100  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate the model init_from gives, then exit
     eval_full: bool = True  # after training (and with eval_only) also the loss over every val token once
-    log_interval: int = (
-        10  # iterations between log lines: the only points where the host waits for the device
-    )
+    log_interval: int = 10  # iterations between log lines: the only points the host waits for the device
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
     wandb_log: bool = False
     wandb_project: str = "llm-train"
@@ -305,9 +301,7 @@ class Run:
     meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
     raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
     model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
-    train_model: (
-        torch.nn.Module
-    )  # model, wrapped in DDP when there are several processes: training calls this
+    train_model: torch.nn.Module  # model, in DDP when there are several processes: training calls this
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # active for float16 only
     metrics: MetricsLog
@@ -342,9 +336,8 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     del checkpoint  # the weights now live in the model and optimizer
     model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
     world_size = world()[1]
-    ddp_model = (
-        DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
-    )
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp_model = DDP(model, device_ids=device_ids) if world_size > 1 else None
     run = Run(
         cfg=cfg,
         device=device,
@@ -399,11 +392,7 @@ def open_out_dir(cfg: TrainConfig, append: bool) -> MetricsLog:
 def print_setup(run: Run, dtype: torch.dtype) -> None:
     cfg, world_size = run.cfg, world()[1]
     peak = datasheet_peak_flops(run.device)
-    mfu_basis = (
-        f"{peak[0]}'s dense bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s"
-        if peak
-        else "n/a: no known peak"
-    )
+    mfu_basis = f"{peak[0]}'s bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s" if peak else "no known peak"
     print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()))
     print0(
         f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
@@ -426,18 +415,13 @@ def train_loop(run: Run) -> int:
     log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
     cfg = run.cfg
     first_iter, stop_signal, loss_sum = run.iter_num, 0, None
-    bar = tqdm(
-        total=cfg.max_iters, initial=run.iter_num, disable=not (world()[0] == 0 and sys.stderr.isatty())
-    )
-    clock = (
-        time.time(),
-        run.iter_num,
-    )  # when the last log line (or evaluation) ended, and at which iteration
+    show_bar = world()[0] == 0 and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not show_bar, dynamic_ncols=True)
+    clock = (time.time(), run.iter_num)  # when the last log line or evaluation ended, at which iteration
     while True:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
-        if due and not (
-            run.resumed and run.iter_num == first_iter
-        ):  # a resumed run's first point was evaluated
+        evaluated_before = run.resumed and run.iter_num == first_iter  # by the run that saved the checkpoint
+        if due and not evaluated_before:
             val_loss = evaluate(run)
             if val_loss < run.best_val_loss or cfg.always_save_checkpoint:
                 run.best_val_loss = min(run.best_val_loss, val_loss)
@@ -531,19 +515,10 @@ def log_progress(
     mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
     print0(
         f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-        f"{tokens_per_s:,.0f} tokens/s, "
-        f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+        f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
     )
-    run.metrics.write(
-        {
-            "iter": run.iter_num,
-            "loss": loss,
-            "lr": lr,
-            "ms_per_iter": dt * 1000,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
-        }
-    )
+    record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
+    run.metrics.write({"iter": run.iter_num, **record})
     bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
     return now, run.iter_num
 

@@ -209,9 +209,8 @@ def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert (
-        result.stdout.decode("utf-8") == MULTIBYTE + tokenizer.decode(new_ids) + "\n"
-    )  # strict: no broken bytes
+    # strict decoding: no broken bytes
+    assert result.stdout.decode("utf-8") == MULTIBYTE + tokenizer.decode(new_ids) + "\n"
 
 
 def write_file(path: Path, content: bytes) -> Path:

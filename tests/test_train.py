@@ -150,9 +150,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(char_data, tmp_path):
     assert 1 <= stopped_at < 100
 
     assert run_train(out, char_data, f"--max_iters={stopped_at + 3}", "--init_from=resume") == 0
-    assert (
-        load_checkpoint(out / CKPT_NAME)["iter_num"] == stopped_at + 3
-    )  # the final eval improved, so it saved
+    # The final evaluation improved, so it saved.
+    assert load_checkpoint(out / CKPT_NAME)["iter_num"] == stopped_at + 3
     assert max(metric(out, "loss")) == stopped_at + 3
 
 
@@ -216,9 +215,7 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path):
 
 def test_gradient_accumulation_must_divide_among_processes(char_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "world", lambda: (0, 3))
-    assert (
-        run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2
-    )  # a bad config value
+    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2  # a config error
     assert "must be a multiple of 3" in capsys.readouterr().err
 
 
