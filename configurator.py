@@ -14,8 +14,10 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -78,21 +80,41 @@ def _field_types(defaults: Any) -> dict[str, Any]:
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
+    """The keys a config file sets: a Python file of assignments, or a JSON object (a run's config.json)."""
     try:
         source = Path(path).read_text()
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
         raise ConfigError(
-            f"cannot read config file '{path}': {err.strerror} "
-            "(arguments are config files or --key=value flags)"
+            f"cannot read config file '{path}': {reason} (arguments are config files or --key=value flags)"
         ) from None
+    if path.endswith(".json"):
+        try:
+            values = json.loads(source)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file '{path}' is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file '{path}' must hold a JSON object of keys and values")
+        return values
     namespace: dict[str, Any] = {}  # a fresh namespace, so a config cannot touch the caller's globals
-    exec(compile(source, path, "exec"), namespace)
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as err:  # a syntax error, or an error raised while it runs
+        line = err.lineno if isinstance(err, SyntaxError) else _line_in(path, err)
+        raise ConfigError(f"config file '{path}', line {line}: {type(err).__name__}: {err}") from None
     # Keep plain values: a config may import modules, define helpers, and use _private temporaries.
     return {
         k: v
         for k, v in namespace.items()
         if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)
     }
+
+
+def _line_in(path: str, err: Exception) -> int | str:
+    """The line of path where err was raised, from its traceback."""
+    frames = traceback.walk_tb(err.__traceback__)
+    lines = [line for frame, line in frames if frame.f_code.co_filename == path]
+    return lines[-1] if lines else "?"
 
 
 def _parse_value(raw: str) -> Any:

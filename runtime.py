@@ -4,7 +4,8 @@ atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
 Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a missing or corrupt file,
 data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
 a wrong type, a value out of range, a model shape that does not divide, a device this machine lacks);
-130 / 143 stopped by Ctrl-C / SIGTERM.
+130 / 143 stopped by Ctrl-C / SIGTERM. Failures of the environment (disk full, no permission) are
+bad input too: one line, exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message.
 
 torch is imported inside the functions that need it: the data preparation scripts use this module
 too, and they start in a fifth of a second without torch, in over a second with it.
@@ -12,6 +13,7 @@ too, and they start in a fifth of a second without torch, in over a second with 
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import sys
@@ -38,13 +40,36 @@ class ConfigError(UserError):
     exit_code = 2
 
 
+DEBUG_ENV = "LLM_TRAIN_DEBUG"  # set to 1 to see the traceback behind an error message
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "free some disk space or write somewhere else",
+    errno.EDQUOT: "free some of your disk quota or write somewhere else",
+    errno.EACCES: "check the permissions, or write somewhere else",
+    errno.EPERM: "check the permissions, or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """'<what failed>: <file>; <what to do>', e.g. for a full disk during a save."""
+    text = e.strerror or str(e)
+    if e.filename:
+        text += f": {e.filename}"
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return f"{text}; {hint}" if hint else text
+
+
 def exit_on_error(run: Callable[[], int | None]) -> NoReturn:
-    """Run a CLI's work and exit with its code; a UserError becomes one line on stderr and its exit code."""
+    """Run a CLI's work and exit with its code. A UserError or an OSError becomes one line on stderr
+    and its exit code; Ctrl-C exits 130."""
     try:
         code = run() or 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = e.exit_code
+    except (UserError, OSError) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        code = e.exit_code if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
@@ -141,8 +166,10 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:  # name the file the user knows, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 

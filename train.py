@@ -13,6 +13,8 @@ Reading order: the config, the data, setup (model, optimizer, resume), the train
 steps, evaluation-only, and train() / main(), which tie them together.
 """
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from model import GPT, GPTConfig
 from runtime import (
     ConfigError,
     UserError,
+    atomic_write,
     datasheet_peak_flops,
     exit_on_error,
     pick_device,
@@ -93,6 +97,7 @@ class TrainConfig:
 # TrainConfig keys that are also GPTConfig fields: the model's shape.
 SHAPE_KEYS = ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
+_stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops after this iteration
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
@@ -100,6 +105,22 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in (
+        "max_iters",
+        "warmup_iters",
+        "lr_decay_iters",
+        "learning_rate",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+    ):
+        if (getattr(cfg, key) or 0) < 0:
+            raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
+    for key in ("beta1", "beta2", "dropout"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
@@ -127,7 +148,23 @@ def load_meta(data_dir: Path) -> dict:
             f"{path} not found: the data set is not prepared (or its preparation did not finish); "
             f"run {command}"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    redo = f"prepare the data set again (python data/{data_dir.name}/prepare.py or your own script)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        counts = {split: int(meta[f"{split}_tokens"]) for split in ("train", "val")}
+        if int(meta["vocab_size"]) < 1:
+            raise ValueError("vocab_size must be at least 1")
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        what = f"has no {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise UserError(f"{path} {what}: {redo}") from None
+    for split, n_tokens in counts.items():
+        bin_path = data_dir / f"{split}.bin"
+        size = bin_path.stat().st_size if bin_path.is_file() else None
+        if size != n_tokens * itemsize:
+            found = "is missing" if size is None else f"holds {size // itemsize:,} tokens"
+            raise UserError(f"{bin_path} {found} but meta.json says {n_tokens:,}: {redo}")
+    return meta
 
 
 def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
@@ -185,6 +222,8 @@ def full_val_loss(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for first in range(rank * batch_size, n_windows, world_size * batch_size):
+        if _stop_signal:  # stop early: the caller discards this evaluation
+            break
         x = np.zeros((batch_size, block_size), dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)  # -1: ignored by the loss
         for row, window in enumerate(range(first, min(first + batch_size, n_windows))):
@@ -264,15 +303,20 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
 
 
 class MetricsLog:
-    """Appends records to out_dir/metrics.jsonl, and to wandb when asked; on rank 0 only."""
+    """Appends records to out_dir/metrics.jsonl, and to wandb when asked; on rank 0 only.
 
-    def __init__(self, cfg: TrainConfig, append: bool):
+    keep_until=None starts a new log; an iteration keeps the records up to it (a resumed run drops
+    what the interrupted one logged past its checkpoint, so no iteration appears twice) and drops a
+    line cut short by a crash. A record is written whole or not at all, even on a full disk."""
+
+    def __init__(self, cfg: TrainConfig, keep_until: float | None):
         self.path, self.wandb_run = None, None
         if world()[0] != 0:
             return
         self.path = Path(cfg.out_dir) / "metrics.jsonl"
-        if not append:
-            self.path.write_text("")
+        kept = [] if keep_until is None else [r for r in read_records(self.path) if r["iter"] <= keep_until]
+        lines = "".join(json.dumps(record) + "\n" for record in kept)
+        atomic_write(self.path, lambda f: f.write(lines.encode()))
         if cfg.wandb_log:
             import wandb  # only when asked for: it is slow to import
 
@@ -282,12 +326,30 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = (json.dumps(record) + "\n").encode()
+            with self.path.open("ab", buffering=0) as f:  # unbuffered: one write call, or an error
+                end = f.seek(0, os.SEEK_END)
+                try:
+                    if f.write(line) != len(line):
+                        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+                except OSError:
+                    f.truncate(end)  # no torn line that would swallow the next record
+                    raise
         if self.wandb_run is not None:
             self.wandb_run.log(
                 {k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"]
             )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The readable records of a metrics.jsonl (none if it does not exist)."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return records
 
 
 @dataclass
@@ -306,6 +368,7 @@ class Run:
     scaler: torch.amp.GradScaler  # active for float16 only
     metrics: MetricsLog
     stop_group: dist.ProcessGroup | None  # gloo group that agrees on stop signals
+    lock: BinaryIO | None  # held open: the lock on out_dir lasts as long as the run
     local_steps: int  # micro-steps per iteration in this process
     resumed: bool  # continuing the run in out_dir
     iter_num: int = 0
@@ -314,6 +377,7 @@ class Run:
 
 def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup | None) -> Run:
     """Data, model, optimizer and the state a resumed run continues from; prints what was set up."""
+    lock = lock_out_dir(Path(cfg.out_dir))
     data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_DIR / "data" / cfg.dataset
     meta = load_meta(data_dir)
     dtype = pick_dtype(cfg.dtype, device)
@@ -349,13 +413,16 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         train_model=ddp_model or model,
         optimizer=optimizer,
         scaler=scaler,
-        metrics=open_out_dir(cfg, append=resumed or cfg.eval_only),
+        metrics=MetricsLog(cfg, keep_until=iter_num if resumed else math.inf if cfg.eval_only else None),
+        lock=lock,
         stop_group=stop_group,
         local_steps=cfg.gradient_accumulation_steps // world_size,
         resumed=resumed,
         iter_num=iter_num,
         best_val_loss=best_val_loss,
     )
+    if not cfg.eval_only:
+        write_run_config(cfg)
     print_setup(run, dtype)
     return run
 
@@ -380,13 +447,33 @@ def restore_training_state(
     return checkpoint["best_val_loss"]
 
 
-def open_out_dir(cfg: TrainConfig, append: bool) -> MetricsLog:
-    """Create out_dir and record the run's config in config.json (rank 0), and open its metrics log."""
+def lock_out_dir(out_dir: Path) -> BinaryIO | None:
+    """Make this process the only run writing out_dir (rank 0; the others write nothing). The kernel
+    holds the lock for the open file, so a killed run never leaves it stuck; the file names our pid."""
+    if world()[0] != 0:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / ".lock", "a+b")  # kept open for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().decode().strip() or "?"
+        raise UserError(
+            f"{out_dir} is in use by another run (process {other}): wait for it to finish, stop it, "
+            "or choose another out_dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    return lock
+
+
+def write_run_config(cfg: TrainConfig) -> None:
+    """out_dir/config.json: what --init_from=resume restores (rank 0)."""
     if world()[0] == 0:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        if not cfg.eval_only:
-            (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    return MetricsLog(cfg, append)
+        text = json.dumps(asdict(cfg), indent=2) + "\n"
+        atomic_write(Path(cfg.out_dir) / "config.json", lambda f: f.write(text.encode()))
 
 
 def print_setup(run: Run, dtype: torch.dtype) -> None:
@@ -401,6 +488,8 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
     )
+    if run.resumed:
+        print0(f"resumed from iter {run.iter_num} of {Path(cfg.out_dir) / CKPT_NAME}")
 
 
 def tokens_per_iter(cfg: TrainConfig) -> int:
@@ -422,12 +511,13 @@ def train_loop(run: Run) -> int:
         due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
         evaluated_before = run.resumed and run.iter_num == first_iter  # by the run that saved the checkpoint
         if due and not evaluated_before:
-            val_loss = evaluate(run)
-            if val_loss < run.best_val_loss or cfg.always_save_checkpoint:
+            val_loss = evaluate(run)  # None when a stop signal cut it short
+            if val_loss is not None and (val_loss < run.best_val_loss or cfg.always_save_checkpoint):
                 run.best_val_loss = min(run.best_val_loss, val_loss)
                 if run.iter_num > 0:
                     save(run)
             clock = (time.time(), run.iter_num)  # evaluation time is not training time
+        stop_signal = agreed_stop_signal(run.stop_group)
         if run.iter_num >= cfg.max_iters or stop_signal:
             break
 
@@ -437,21 +527,27 @@ def train_loop(run: Run) -> int:
         bar.update()
         if run.iter_num % cfg.log_interval == 0:
             clock = log_progress(run, loss_sum, lr, clock, bar)
-        stop_signal = agreed_stop_signal(run.stop_group)
     bar.close()
 
-    if stop_signal:
-        if loss_sum is not None:  # never replace a good checkpoint with diverged weights
-            check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
-        save(run)
-        print0(
-            f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved "
-            f"{Path(cfg.out_dir) / CKPT_NAME}; continue with --init_from=resume"
-        )
-        return 128 + stop_signal  # the shell's code for death by that signal: the run did not finish
-    if cfg.eval_full:
+    if cfg.eval_full and not stop_signal:
         evaluate_full(run)
+        stop_signal = agreed_stop_signal(run.stop_group)
+    if stop_signal:
+        return save_and_stop(run, stop_signal, loss_sum)
     return 0
+
+
+def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> int:
+    """Save where the run stands after a stop signal; returns the shell's exit code for that signal."""
+    if loss_sum is not None:  # never replace a good checkpoint with diverged weights
+        check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
+    save(run)
+    print0(
+        f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved "
+        f"{Path(run.cfg.out_dir) / CKPT_NAME}; continue with: "
+        f"python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
+    )
+    return 128 + stop_signal  # the run did not finish
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -561,6 +657,8 @@ def estimate_loss(run: Run) -> dict[str, float]:
     for split_index, split in enumerate(("train", "val")):
         total = torch.zeros((), device=run.device)
         for k in range(rank, cfg.eval_iters, world_size):
+            if _stop_signal:  # stop early: the caller discards this evaluation
+                break
             rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
             path = run.data_dir / f"{split}.bin"
             x, y = get_batch(path, run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
@@ -572,9 +670,12 @@ def estimate_loss(run: Run) -> dict[str, float]:
     return losses
 
 
-def evaluate(run: Run) -> float:
-    """Estimate, print and log the train and val losses; returns the val loss, which must be finite."""
+def evaluate(run: Run) -> float | None:
+    """Estimate, print and log the train and val losses; returns the val loss, which must be finite,
+    or None if a stop signal on any process cut the evaluation short."""
     losses = estimate_loss(run)
+    if agreed_stop_signal(run.stop_group):
+        return None
     print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     run.metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
     check_finite(losses["val"], "the val loss", run.iter_num)
@@ -587,6 +688,8 @@ def evaluate_full(run: Run) -> None:
     val_tokens = np.memmap(run.data_dir / "val.bin", dtype=run.meta["dtype"], mode="r")
     cfg = run.cfg
     loss = full_val_loss(run.model, val_tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast)
+    if agreed_stop_signal(run.stop_group):  # cut short: not a result
+        return
     print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
     run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
 
@@ -596,18 +699,17 @@ def evaluate_only(run: Run) -> int:
     evaluate(run)
     if run.cfg.eval_full:
         evaluate_full(run)
-    return 0
+    stop_signal = agreed_stop_signal(run.stop_group)
+    return 128 + stop_signal if stop_signal else 0
 
 
 # --- signals, processes, entry point ----------------------------------------------------------------
-
-_stop_signal = 0  # set by the SIGTERM / SIGINT handler; the loop stops after the current iteration
 
 
 def request_stop(signum: int, frame) -> None:
     global _stop_signal
     if _stop_signal:  # a second signal: stop at once, unsaved (saves are atomic, the last one is intact)
-        raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
     _stop_signal = signum
     if world()[0] == 0:
         print(
@@ -649,10 +751,26 @@ def train(cfg: TrainConfig) -> int:
             dist.destroy_process_group()
 
 
+def read_config(argv: list[str] | None) -> TrainConfig:
+    """The config the command line gives. With --init_from=resume it starts from the run's own
+    out_dir/config.json, so `train.py --out_dir=X --init_from=resume` alone continues the run; the
+    command line's files and flags still apply on top."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])
+    saved = Path(cfg.out_dir) / "config.json"
+    if cfg.init_from != "resume" or not saved.is_file():
+        return cfg
+    resumed = parse_config(TrainConfig(), [str(saved), *argv])
+    saved_cfg = parse_config(TrainConfig(), [str(saved)])
+    changes = [
+        f"{k}={v!r}" for k, v in asdict(resumed).items() if v != getattr(saved_cfg, k) and k != "init_from"
+    ]
+    print0(f"resuming with {saved}" + (f", changed: {', '.join(changes)}" if changes else ""))
+    return resumed
+
+
 def main(argv: list[str] | None = None) -> None:
-    exit_on_error(
-        lambda: train(parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0]))
-    )
+    exit_on_error(lambda: train(read_config(argv)))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 
-from runtime import PathLike, UserError, atomic_write, exit_on_error
+from runtime import PathLike, UserError, atomic_write
 
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
@@ -27,19 +25,6 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 
 class DataError(UserError):
     """Bad input for a prepare script, or an environment fault while reading or writing it."""
-
-
-def run_cli(main: Callable[[], None]) -> NoReturn:
-    """Run a prepare script's main() under the common exit-code policy; an OSError counts as bad input
-    (its message already names the path and the reason)."""
-
-    def run() -> None:
-        try:
-            main()
-        except OSError as e:
-            raise DataError(str(e)) from e
-
-    exit_on_error(run)
 
 
 def dtype_for_vocab(vocab_size: int) -> str:

@@ -159,7 +159,7 @@ def test_config_file_may_import_modules_define_helpers_and_use_private_names(tmp
 def test_config_file_runs_in_a_fresh_namespace(tmp_path):
     # configurator.py imports sys; a config exec'd into its globals would see it
     cfg_file = write(tmp_path, "x.py", "batch_size = sys.maxsize\n")
-    with pytest.raises(NameError, match="'sys'"):
+    with pytest.raises(ConfigError, match="x.py', line 1: NameError: name 'sys'"):
         parse_config(Cfg(), [cfg_file])
 
 
@@ -200,3 +200,16 @@ def test_a_cli_prints_a_config_error_and_exits_2(capsys):
 def test_parse_config_reads_sys_argv_by_default(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--batch_size=7"])
     assert parse_config(Cfg()).batch_size == 7
+
+
+def test_a_config_file_with_an_error_names_the_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"bad\.py', line 2: SyntaxError"):
+        parse_config(Cfg(), [write(tmp_path, "bad.py", "batch_size = 4\nlearning_rate = = 1\n")])
+    with pytest.raises(ConfigError, match=r"div\.py', line 3: ZeroDivisionError"):
+        parse_config(Cfg(), [write(tmp_path, "div.py", "import math\n\nbatch_size = 1 // 0\n")])
+
+
+def test_a_json_config_file_sets_its_keys(tmp_path):
+    assert parse_config(Cfg(), [write(tmp_path, "run.json", '{"batch_size": 3}')]).batch_size == 3
+    with pytest.raises(ConfigError, match="JSON object"):
+        parse_config(Cfg(), [write(tmp_path, "list.json", "[1, 2]")])

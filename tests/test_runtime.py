@@ -1,5 +1,7 @@
 """runtime.py: device and dtype choice, atomic writes, the peak table, the exit-code policy."""
 
+import errno
+
 import pytest
 import torch
 
@@ -46,10 +48,11 @@ def test_atomic_write_replaces_whole_or_leaves_the_old_file_and_no_temporary(tmp
 
     def fail_midway(f):
         f.write(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device") as error:
         atomic_write(path, fail_midway)
+    assert error.value.filename == str(path)  # the file the user knows, not the temporary one
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 

@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import DataError, TokenSetWriter, dtype_for_vocab, run_cli
+from data.common import DataError, TokenSetWriter, dtype_for_vocab
+from runtime import exit_on_error
 from tokenizer import load_tiktoken
 
 HF_DATASET = "Skylion007/openwebtext"  # the hub name that "openwebtext" redirects to
@@ -275,4 +276,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    exit_on_error(main)

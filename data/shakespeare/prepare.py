@@ -13,9 +13,9 @@ from data.common import (
     add_text_input_args,
     dtype_for_vocab,
     read_input_text,
-    run_cli,
     split_text,
 )
+from runtime import exit_on_error
 from tokenizer import load_tiktoken
 
 ENCODING = "gpt2"
@@ -50,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    exit_on_error(main)
