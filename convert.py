@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CKPT_NAME, clean_state_dict, load_checkpoint, save_checkpoint
@@ -24,6 +25,11 @@ TOKENIZER_KEY = (
     "nanogpt_tokenizer"  # our checkpoint's tokenizer entry, kept in config.json so import restores it
 )
 Layout = list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
+# config.json fields that size the model
+SIZE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+)  # fmt: skip
 
 
 class ConvertError(UserError):
@@ -161,12 +167,23 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
         raise ConvertError(f"config.json describes a model ours cannot build: {e}") from e
 
 
+def check_config_numbers(hf: object) -> None:
+    """config.json is an object whose size fields are positive integers (a string or 0 would otherwise
+    surface later as a confusing error)."""
+    if not isinstance(hf, dict):
+        raise ConvertError("config.json must hold a JSON object of the model's settings")
+    for key in SIZE_KEYS:
+        value = hf.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ConvertError(f"config.json: {key} must be a positive integer, got {value!r}")
+
+
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():
-        files = sorted({hf_dir / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+        files = shard_files(index)
     elif any(hf_dir.glob("pytorch_model*.bin")):
         raise ConvertError(
             f"{hf_dir} has only pytorch_model*.bin weights; we read safetensors (they cannot run code "
@@ -179,8 +196,33 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     for path in files:
         if not path.is_file():
             raise ConvertError(f"shard {path.name}, listed in {index.name}, is missing from {hf_dir}")
-        tensors.update(load_file(path))
+        try:
+            tensors.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise ConvertError(
+                f"cannot read {path}: it is truncated or not a safetensors file ({e})"
+            ) from None
+    not_finite = [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if not_finite:
+        raise ConvertError(
+            f"{', '.join(not_finite[:3])} hold NaN or infinite values: the weights are damaged"
+        )
     return tensors
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files an index names; never a file outside the index's folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConvertError(f'{index} is not a safetensors index: it needs a "weight_map" object') from None
+    folder = index.parent.resolve()
+    files = [(folder / shard).resolve() for shard in shards]
+    outside = [shard for shard, path in zip(shards, files) if path.parent != folder]
+    if outside:
+        raise ConvertError(f"{index} names shards outside its folder ({outside[0]!r}): refusing to read them")
+    return files
 
 
 def check_tensors(tensors: dict, config: GPTConfig) -> None:
@@ -208,12 +250,15 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
         raise ConvertError(
             f"{ckpt_path} already exists; choose another OUT_DIR or pass --force to replace it"
         )
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConvertError(f"OUT_DIR {out_dir} is a file: choose a folder")
     try:
         hf = json.loads((hf_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConvertError(
             f"cannot read {hf_dir / 'config.json'} ({e}); HF_DIR must be a Hugging Face model directory"
         ) from e
+    check_config_numbers(hf)
     config = gpt_config_from_hf(hf)
     tensors = read_safetensors(hf_dir)
     check_tensors(tensors, config)
