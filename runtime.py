@@ -47,6 +47,8 @@ OS_ERROR_HINTS = {
     errno.EACCES: "check the permissions, or write somewhere else",
     errno.EPERM: "check the permissions, or write somewhere else",
     errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EEXIST: "a file stands where a folder is needed: choose another path",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
 }
 
 

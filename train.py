@@ -137,18 +137,17 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
 def load_meta(data_dir: Path) -> dict:
     """The meta.json of a prepared data set (written last by its prepare script)."""
     path = data_dir / "meta.json"
+    script = REPO_DIR / "data" / data_dir.name / "prepare.py"
+    if script.is_file():
+        command = f"python data/{data_dir.name}/prepare.py"
+    else:
+        command = f"python data/<name>/prepare.py --out_dir {data_dir}"
     if not path.is_file():
-        script = REPO_DIR / "data" / data_dir.name / "prepare.py"
-        command = (
-            f"python data/{data_dir.name}/prepare.py"
-            if script.is_file()
-            else f"python data/<name>/prepare.py --out_dir {data_dir}"
-        )
         raise UserError(
             f"{path} not found: the data set is not prepared (or its preparation did not finish); "
             f"run {command}"
         )
-    redo = f"prepare the data set again (python data/{data_dir.name}/prepare.py or your own script)"
+    redo = f"prepare the data set again: {command}"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
@@ -332,9 +331,9 @@ class MetricsLog:
                 try:
                     if f.write(line) != len(line):
                         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-                except OSError:
+                except OSError as e:
                     f.truncate(end)  # no torn line that would swallow the next record
-                    raise
+                    raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.wandb_run is not None:
             self.wandb_run.log(
                 {k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"]

@@ -373,3 +373,92 @@ def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):
 def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     expect_error(tmp_path / "file", char_data, [], "is not a directory", capsys, code=2)
+
+
+# --- one run per out_dir, double signals, resuming from out_dir alone ----------------------------
+
+
+def start_train(out_dir: Path, data_dir: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *train_cmd(out_dir, data_dir, *flags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    pytest.fail(f"the run ended before printing {prefix!r}")
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_dir_refuses_and_the_first_is_untouched(char_data, tmp_path):
+    out = tmp_path / "out"
+    first = start_train(
+        out, char_data, "--max_iters=100000", "--eval_interval=1", "--always_save_checkpoint=True"
+    )
+    wait_for_line(first, "iter 2: loss")
+    second = subprocess.Popen(
+        [sys.executable, *train_cmd(out, char_data, "--max_iters=5")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
+    reads = 0
+    while second.poll() is None or reads < 20:  # the checkpoint is read whole while both run
+        assert load_checkpoint(out / CKPT_NAME)["iter_num"] >= 1
+        reads += 1
+    assert second.returncode == 1
+    assert f"in use by another run (process {first.pid})" in second.stderr.read()
+    assert first.poll() is None  # the first run went on
+    first.send_signal(signal.SIGTERM)
+    output = first.stdout.read()
+    assert first.wait(timeout=60) == 128 + signal.SIGTERM, output
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in losses if "loss" in r]
+    assert iters == list(range(1, len(iters) + 1))  # nothing emptied or torn by the second run
+    assert load_checkpoint(out / CKPT_NAME)["iter_num"] == iters[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_exits_at_once_and_leaves_a_loadable_checkpoint(char_data, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = start_train(
+        out, char_data, "--max_iters=100000", "--eval_interval=1", "--always_save_checkpoint=True"
+    )
+    wait_for_line(proc, "iter 3: loss")
+    proc.send_signal(sig)
+    proc.send_signal(sig)  # while the first one's save is under way, or before it
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + sig, output
+    assert "Traceback" not in output
+    assert not list(out.glob("*.tmp"))
+    model_from_checkpoint(load_checkpoint(out / CKPT_NAME))
+
+
+@pytest.mark.slow
+def test_resume_from_out_dir_alone_continues_the_run_exactly_after_kill_9(char_data, tmp_path):
+    config = tmp_path / "run.py"
+    config.write_text("max_iters = 8\neval_interval = 2\nalways_save_checkpoint = True\ndropout = 0.1\n")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(straight, char_data, str(config)) == 0
+
+    proc = start_train(split, char_data, str(config))
+    wait_for_line(proc, "iter 5: loss")
+    proc.kill()  # SIGKILL: no chance to save; the checkpoint of iter 4 (or later) stays
+    proc.wait(timeout=60)
+    assert load_checkpoint(split / CKPT_NAME)["iter_num"] < 8
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={split}", "--init_from=resume"])  # no config file, no data_dir: restored
+    assert exit_info.value.code == 0
+
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == list(range(1, 9))  # each iteration once
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4, 6, 8]
+    assert list(metric(split, "loss").items()) == list(metric(straight, "loss").items())
