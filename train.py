@@ -465,6 +465,8 @@ def lock_out_dir(out_dir: Path) -> BinaryIO | None:
     lock.truncate(0)
     lock.write(str(os.getpid()).encode())
     lock.flush()
+    for stale in out_dir.glob("*.tmp"):  # a run killed mid-save left it; with the lock, nobody writes it now
+        stale.unlink()
     return lock
 
 
