@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +463,21 @@ def test_resume_from_out_dir_alone_continues_the_run_exactly_after_kill_9(char_d
     assert [r["iter"] for r in records if "loss" in r] == list(range(1, 9))  # each iteration once
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4, 6, 8]
     assert list(metric(split, "loss").items()) == list(metric(straight, "loss").items())
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_evaluation_cuts_it_short_and_saves(char_data, tmp_path):
+    out = tmp_path / "out"
+    # batch 1 of 8 tokens: the whole-split evaluation takes ~14,000 forward passes, many seconds
+    proc = start_train(
+        out, char_data, "--max_iters=3", "--eval_full=True", "--batch_size=1", "--block_size=8"
+    )
+    wait_for_line(proc, "iter 3: train loss")  # the last periodic evaluation; the full one starts now
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, output
+    assert time.time() - signalled < 3, "the evaluation went on after the signal"
+    assert "stopped by SIGTERM at iter 3" in output and "full val loss" not in output
+    assert load_checkpoint(out / CKPT_NAME)["iter_num"] == 3
