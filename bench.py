@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import parse_config
 from model import GPT, GPTConfig, sample_next_token
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
@@ -206,7 +206,7 @@ def shakespeare_model(out_dir: str | None, device: torch.device) -> GPT:
     """The README's Shakespeare model: trained weights from out_dir, else random weights in the shape
     configs/shakespeare_char.py gives (random weights decode exactly as fast)."""
     if out_dir:
-        return model_from_checkpoint(load_checkpoint(Path(out_dir) / CKPT_NAME, device)).to(device).eval()
+        return model_from_checkpoint(load_checkpoint(out_dir, device)).to(device).eval()
     cfg = parse_config(TrainConfig(), [str(SHAKESPEARE_CONFIG)])
     return GPT(model_config(cfg, SHAKESPEARE_VOCAB)).to(device).eval()
 

@@ -2,18 +2,32 @@
 
 A checkpoint is a dict with nanoGPT's keys (model, optimizer, model_args, iter_num, best_val_loss,
 config) plus `tokenizer`: the tokenizer entries of the training data's meta.json (tokenizer.py), so
-that sampling needs nothing but the checkpoint.
+that sampling needs nothing but the checkpoint. It comes in two kinds, read alike by load_checkpoint:
+  out_dir/ckpt.pt        one file (torch.save), written by rank 0 of a run that is not sharded
+  out_dir/ckpt-<iter>-<tag>/  a sharded run's folder, written by every process at once with
+                         torch.distributed.checkpoint, plus meta.pt (everything but the tensors);
+                         out_dir/ckpt.latest names the complete one, so a save killed half-way
+                         leaves the previous checkpoint in force.
+The optimizer state is keyed by parameter name (torch.distributed.checkpoint.state_dict), so either
+kind resumes on any number of processes, sharded or not.
 """
 
+import secrets
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from model import GPT, GPTConfig
-from runtime import PathLike, UserError, atomic_write
+from runtime import PathLike, UserError, atomic_write, fsync_dir
 from tokenizer import Tokenizer, get_tokenizer
 
 CKPT_NAME = "ckpt.pt"
+LATEST_SHARDED = "ckpt.latest"  # names the current sharded checkpoint folder
+SHARDED_META = "meta.pt"
 
 
 class CheckpointError(UserError):
@@ -25,13 +39,80 @@ def save_checkpoint(checkpoint: dict, path: PathLike) -> None:
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
-    """Load with weights_only=True: a checkpoint cannot run code when it is opened."""
+def save_sharded_checkpoint(state: dict, meta: dict, out_dir: Path, iter_num: int) -> None:
+    """Every process writes its shards of state (tensors) into a new folder in parallel; then rank 0
+    adds meta.pt and points ckpt.latest at the folder. Called by every process."""
+    tag = [f"ckpt-{iter_num:08d}-{secrets.token_hex(3)}"]  # a new folder for every save, never rewritten
+    dist.broadcast_object_list(tag, src=0)
+    folder = out_dir / tag[0]
+    dcp.save(state, checkpoint_id=folder)  # returns once every process's shards are written and synced
+    if dist.get_rank() == 0:
+        atomic_write(folder / SHARDED_META, lambda f: torch.save(meta, f))
+        atomic_write(out_dir / LATEST_SHARDED, lambda f: f.write(folder.name.encode()))
+        prune_checkpoints(out_dir)
+    dist.barrier()  # no process moves on while the previous checkpoint is being replaced
+
+
+def find_checkpoint(path: PathLike) -> Path:
+    """The checkpoint path means: a checkpoint file or sharded folder itself, or in a run's out_dir the
+    newer of ckpt.pt and the sharded folder ckpt.latest names."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file() or (path / SHARDED_META).is_file():
+        return path
+    candidates = [path / CKPT_NAME] if (path / CKPT_NAME).is_file() else []
+    if (path / LATEST_SHARDED).is_file():
+        candidates.append(path / (path / LATEST_SHARDED).read_text().strip())
+    if not candidates:
+        where = path if path.suffix == ".pt" else path / CKPT_NAME
         raise CheckpointError(
-            f"no checkpoint at {path}: train one first (python train.py ...) or fix out_dir"
+            f"no checkpoint at {where}: train one first (python train.py ...) or fix out_dir"
         )
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns)  # a kill between save and prune leaves two
+
+
+def prune_checkpoints(out_dir: Path) -> None:
+    """Delete every checkpoint in out_dir but the current one: those a newer save replaced, and the
+    folders of sharded saves killed half-way. Rank 0, holding the run's lock."""
+    try:
+        current = find_checkpoint(out_dir)
+    except CheckpointError:
+        current = None
+    for path in [out_dir / CKPT_NAME, out_dir / LATEST_SHARDED, *out_dir.glob("ckpt-*")]:
+        is_pointer_to_current = path.name == LATEST_SHARDED and current is not None and current.is_dir()
+        if path == current or is_pointer_to_current or not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    fsync_dir(out_dir)
+
+
+def load_sharded_checkpoint(folder: Path, device: str | torch.device) -> dict:
+    """A sharded checkpoint read whole into one process: meta.pt and the model's full tensors."""
+    meta = torch.load(folder / SHARDED_META, map_location=device, weights_only=True)
+    state = {"model": GPT(GPTConfig(**meta["model_args"])).to(device).state_dict()}
+    load_sharded_state(state, folder)
+    return {**meta, "model": state["model"], "folder": folder}  # folder: where its optimizer state is
+
+
+def load_sharded_state(state: dict, folder: Path) -> None:
+    """Fill state's tensors in place from a sharded checkpoint, in whatever sharding they have: whole
+    in one process, or this process's shards."""
+    with warnings.catch_warnings():  # without a process group DCP warns that one process reads it all
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint path means (see find_checkpoint), loaded with weights_only=True: a checkpoint
+    cannot run code when it is opened."""
+    path = find_checkpoint(path)
+    if path.is_dir():
+        try:
+            return load_sharded_checkpoint(path, device)
+        except Exception as e:  # DCP raises its own kinds for missing or damaged shards
+            reason = " ".join(str(e).split())[:200]
+            raise CheckpointError(
+                f"cannot read sharded checkpoint {path}: {type(e).__name__}: {reason}"
+            ) from e
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch's message is advice about weights_only, wrong for a damaged file
@@ -68,8 +149,8 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
 def load_model_and_tokenizer(
     out_dir: PathLike, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer, dict]:
-    """The model (in eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt."""
-    path = Path(out_dir) / CKPT_NAME
+    """The model (in eval mode, on device), its tokenizer and the raw checkpoint of out_dir."""
+    path = find_checkpoint(out_dir)
     checkpoint = load_checkpoint(path, device)
     if not checkpoint.get("tokenizer"):
         raise CheckpointError(f"checkpoint {path} records no tokenizer (its 'tokenizer' entry is missing)")

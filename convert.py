@@ -287,7 +287,7 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
 
 def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:
     """config.json and model.safetensors of out_dir/ckpt.pt into hf_dir (dtype: as stored, by default)."""
-    checkpoint = load_checkpoint(Path(out_dir) / CKPT_NAME)
+    checkpoint = load_checkpoint(out_dir)  # ckpt.pt or a sharded checkpoint
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     tokenizer = checkpoint.get("tokenizer") or {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -185,6 +186,7 @@ class GPT(nn.Module):
         rope_cos, rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
         self.apply(self._init_weights)
         # GPT-2: shrink the projections that add into the residual stream, one pair per layer.
         for block in self.layers:
@@ -225,7 +227,10 @@ class GPT(nn.Module):
         rope_cos = self.rope_cos[start_pos : start_pos + T, None]  # (T, 1, head_dim): broadcast over heads
         rope_sin = self.rope_sin[start_pos : start_pos + T, None]
         for block in self.layers:
-            x = block(x, rope_cos, rope_sin, cache, start_pos)
+            if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
+                x = checkpoint(block, x, rope_cos, rope_sin, use_reentrant=False)
+            else:
+                x = block(x, rope_cos, rope_sin, cache, start_pos)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs

@@ -29,10 +29,26 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import (
+    CKPT_NAME,
+    load_checkpoint,
+    load_sharded_state,
+    model_from_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from configurator import parse_config
 from model import GPT, GPTConfig
 from runtime import (
@@ -87,6 +103,11 @@ class TrainConfig:
     warmup_iters: int = 2000
     lr_decay_iters: int | None = None  # where the decay reaches min_lr; None = max_iters
     min_lr: float = 6e-5
+    # parallelism (under torchrun) and memory
+    parallelism: str = (
+        "ddp"  # 'ddp': every process holds the whole model; 'fsdp': shard it over the processes
+    )
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda:1'
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 if unsupported), else float32; or one of those
@@ -121,6 +142,13 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
+    if cfg.parallelism == "fsdp" and world_size == 1:
+        raise ConfigError(
+            "parallelism='fsdp' shards the model over the processes torchrun starts; in one process "
+            "use the default (ddp), or start several: torchrun --nproc_per_node=N train.py ..."
+        )
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
@@ -210,18 +238,22 @@ def full_val_loss(
     batch_size: int,
     device: torch.device,
     autocast: AbstractContextManager | None = None,
+    stop_group: dist.ProcessGroup | None = None,
 ) -> float:
     """Mean loss over every token of tokens but the first, each predicted once: consecutive,
     non-overlapping windows of block_size, batched and shared out among the processes. The last
-    window is padded, its padding ignored, so every batch has one shape (no recompiling)."""
+    window is padded, its padding ignored, so every batch has one shape (no recompiling). Every
+    process runs as many batches (a sharded model's forward is collective); a stop signal ends them
+    all at the same batch, and the caller discards the result."""
     rank, world_size = world()
     n_targets = len(tokens) - 1
     n_windows = math.ceil(n_targets / block_size)
+    step = world_size * batch_size
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for first in range(rank * batch_size, n_windows, world_size * batch_size):
-        if _stop_signal:  # stop early: the caller discards this evaluation
+    for first in range(rank * batch_size, math.ceil(n_windows / step) * step, step):
+        if agreed_stop_signal(stop_group):
             break
         x = np.zeros((batch_size, block_size), dtype=np.int64)
         y = np.full((batch_size, block_size), -1, dtype=np.int64)  # -1: ignored by the loss
@@ -230,7 +262,9 @@ def full_val_loss(
             x[row, : len(chunk) - 1], y[row, : len(chunk) - 1] = chunk[:-1], chunk[1:]
         with autocast or nullcontext():
             _, loss = model(to_device(x, device), to_device(y, device))
-        total += loss.double() * int((y >= 0).sum())  # the loss is a mean over the batch's real targets
+        n_real = int((y >= 0).sum())  # 0 in a batch that only keeps the processes in step
+        if n_real:
+            total += loss.double() * n_real  # the loss is a mean over the batch's real targets
     model.train(was_training)
     return all_reduce_sum(total).item() / n_targets
 
@@ -266,13 +300,11 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
         return GPT(wanted), None, cfg
-    path = Path(cfg.out_dir) / CKPT_NAME if cfg.init_from == "resume" else Path(cfg.init_from)
+    path = Path(cfg.out_dir) if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
         raise UserError(
             f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder"
         )
-    if path.is_dir():
-        path = path / CKPT_NAME
     checkpoint = load_checkpoint(path)
     if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
         checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
@@ -385,8 +417,8 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
-    raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(
+    model, train_model = parallelize(raw_model, cfg, device, dtype)
+    optimizer = raw_model.configure_optimizers(  # after sharding: it updates this process's shards
         cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -395,27 +427,25 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     if checkpoint is not None and (resumed or cfg.eval_only):
         iter_num = checkpoint["iter_num"]
     if resumed:
-        best_val_loss = restore_training_state(cfg, checkpoint, optimizer, scaler)
+        best_val_loss = restore_training_state(cfg, checkpoint, raw_model, optimizer, scaler)
     del checkpoint  # the weights now live in the model and optimizer
-    model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
-    world_size = world()[1]
-    device_ids = [device.index] if device.type == "cuda" else None
-    ddp_model = DDP(model, device_ids=device_ids) if world_size > 1 else None
+    # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
+    use_autocast = dtype != torch.float32 and cfg.parallelism != "fsdp"
     run = Run(
         cfg=cfg,
         device=device,
-        autocast=torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext(),
+        autocast=torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext(),
         data_dir=data_dir,
         meta=meta,
         raw_model=raw_model,
         model=model,
-        train_model=ddp_model or model,
+        train_model=train_model,
         optimizer=optimizer,
         scaler=scaler,
         metrics=MetricsLog(cfg, keep_until=iter_num if resumed else math.inf if cfg.eval_only else None),
         lock=lock,
         stop_group=stop_group,
-        local_steps=cfg.gradient_accumulation_steps // world_size,
+        local_steps=cfg.gradient_accumulation_steps // world()[1],
         resumed=resumed,
         iter_num=iter_num,
         best_val_loss=best_val_loss,
@@ -426,21 +456,53 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     return run
 
 
+def parallelize(
+    raw_model: GPT, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model to evaluate, the model to train): raw_model on device, with activation checkpointing
+    if asked, sharded (fsdp) or replicated (ddp, several processes), compiled if asked."""
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model.to(device)
+    if cfg.parallelism == "fsdp":
+        if dtype == torch.float16:
+            raise ConfigError("parallelism='fsdp' computes in bfloat16 or float32; set dtype to one of those")
+        # Each block is a unit, gathered whole just before it runs and freed after; the root unit holds
+        # the rest, so a tied embedding and LM head stay one tensor. Parameters are gathered in dtype,
+        # gradients reduce-scattered in float32 after every micro-step's backward, so they stay sharded.
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in raw_model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(raw_model, mp_policy=policy)
+    model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
+    if cfg.parallelism == "ddp" and world()[1] > 1:
+        return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model
+
+
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile is None else cfg.compile
 
 
 def restore_training_state(
-    cfg: TrainConfig, checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    cfg: TrainConfig,
+    checkpoint: dict,
+    raw_model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
 ) -> float:
-    """Load what resuming continues besides the weights (optimizer and gradient-scaler state);
-    returns the run's best val loss so far."""
-    if "optimizer" not in checkpoint:
+    """Load what resuming continues besides the weights (optimizer and gradient-scaler state), whatever
+    the number of processes and sharding that wrote it; returns the run's best val loss so far."""
+    if "optimizer" not in checkpoint and "folder" not in checkpoint:
         raise UserError(
-            f"{Path(cfg.out_dir) / CKPT_NAME} has no optimizer state to resume; "
+            f"the checkpoint in {cfg.out_dir} has no optimizer state to resume; "
             f"start from its weights: --init_from={cfg.out_dir}"
         )
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "optimizer" in checkpoint:  # ckpt.pt: whole tensors, which set_optimizer_state_dict shards if needed
+        state, options = checkpoint["optimizer"], StateDictOptions(full_state_dict=True)
+    else:  # a sharded checkpoint: every process reads the parts its own shards need
+        state, options = get_optimizer_state_dict(raw_model, optimizer), None
+        load_sharded_state({"optimizer": state}, checkpoint["folder"])
+    set_optimizer_state_dict(raw_model, optimizer, state, options=options)
     if scaler.is_enabled() and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["best_val_loss"]
@@ -467,6 +529,7 @@ def lock_out_dir(out_dir: Path) -> BinaryIO | None:
     lock.flush()
     for stale in out_dir.glob("*.tmp"):  # a run killed mid-save left it; with the lock, nobody writes it now
         stale.unlink()
+    prune_checkpoints(out_dir)  # and the folder of a sharded save it did not finish
     return lock
 
 
@@ -489,8 +552,20 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
     )
+    print0(memory_per_process(run.raw_model, cfg.parallelism if world_size > 1 else "one process"))
     if run.resumed:
-        print0(f"resumed from iter {run.iter_num} of {Path(cfg.out_dir) / CKPT_NAME}")
+        print0(f"resumed from iter {run.iter_num} of the checkpoint in {cfg.out_dir}")
+
+
+def memory_per_process(raw_model: GPT, layout: str) -> str:
+    """What this process holds of the parameters, their gradients and AdamW's two moments (as many
+    values each, float32): under fsdp its shards, else everything."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
+    mib = sum(p.numel() * p.element_size() for p in local) / 2**20
+    return (
+        f"memory per process ({layout}): parameters {mib:.4g} MiB, gradients {mib:.4g} MiB, "
+        f"AdamW state {2 * mib:.4g} MiB, {4 * mib:.4g} MiB in all"
+    )
 
 
 def tokens_per_iter(cfg: TrainConfig) -> int:
@@ -544,8 +619,8 @@ def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> 
         check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
     save(run)
     print0(
-        f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved "
-        f"{Path(run.cfg.out_dir) / CKPT_NAME}; continue with: "
+        f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved a checkpoint in "
+        f"{run.cfg.out_dir}; continue with: "
         f"python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
     )
     return 128 + stop_signal  # the run did not finish
@@ -629,12 +704,10 @@ def check_finite(loss: float, what: str, iter_num: int) -> None:
 
 
 def save(run: Run) -> None:
-    """out_dir/ckpt.pt, written by rank 0 (every process holds the same weights)."""
-    if world()[0] != 0:
-        return
-    checkpoint = {
-        "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+    """The run's checkpoint in out_dir: ckpt.pt written by rank 0 (every process holds the same
+    weights), or a sharded checkpoint written by every process at once (fsdp)."""
+    out_dir = Path(run.cfg.out_dir)
+    meta = {
         "model_args": asdict(run.raw_model.config),
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
@@ -642,7 +715,17 @@ def save(run: Run) -> None:
         "tokenizer": tokenizer_entry(run.meta),
         "scaler": run.scaler.state_dict(),
     }
-    save_checkpoint(checkpoint, Path(run.cfg.out_dir) / CKPT_NAME)
+    if run.cfg.parallelism == "fsdp":
+        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
+        save_sharded_checkpoint(
+            {"model": model_state, "optimizer": optimizer_state}, meta, out_dir, run.iter_num
+        )
+    elif world()[0] == 0:
+        optimizer_state = get_optimizer_state_dict(run.raw_model, run.optimizer)  # keyed by parameter name
+        save_checkpoint(
+            {**meta, "model": run.raw_model.state_dict(), "optimizer": optimizer_state}, out_dir / CKPT_NAME
+        )
+        prune_checkpoints(out_dir)
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -657,15 +740,18 @@ def estimate_loss(run: Run) -> dict[str, float]:
     losses = {}
     for split_index, split in enumerate(("train", "val")):
         total = torch.zeros((), device=run.device)
-        for k in range(rank, cfg.eval_iters, world_size):
-            if _stop_signal:  # stop early: the caller discards this evaluation
+        # Every process runs as many batches (a sharded model's forward is collective); a stop signal
+        # ends them all at the same batch, and the caller discards the evaluation.
+        for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
+            if agreed_stop_signal(run.stop_group):
                 break
             rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
             path = run.data_dir / f"{split}.bin"
             x, y = get_batch(path, run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
             with run.autocast:
                 _, loss = run.model(x, y)
-            total += loss.float()
+            if k < cfg.eval_iters:  # the others only keep the processes in step
+                total += loss.float()
         losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
     run.model.train()
     return losses
@@ -688,7 +774,9 @@ def evaluate_full(run: Run) -> None:
     t0 = time.time()
     val_tokens = np.memmap(run.data_dir / "val.bin", dtype=run.meta["dtype"], mode="r")
     cfg = run.cfg
-    loss = full_val_loss(run.model, val_tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast)
+    loss = full_val_loss(
+        run.model, val_tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast, run.stop_group
+    )
     if agreed_stop_signal(run.stop_group):  # cut short: not a result
         return
     print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
@@ -744,7 +832,10 @@ def train(cfg: TrainConfig) -> int:
             stop_group = dist.new_group(backend="gloo")
         check_config(cfg, world()[1])
         run = setup(cfg, device, stop_group)
-        return evaluate_only(run) if cfg.eval_only else train_loop(run)
+        code = evaluate_only(run) if cfg.eval_only else train_loop(run)
+        if distributed:
+            dist.barrier()  # all done with collectives: destroying the group while one is busy can abort
+        return code
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
