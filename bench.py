@@ -233,6 +233,26 @@ def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, p
             "ours": step_peak_memory(step_ours, device),
             "peer": step_peak_memory(step_peer, device),
         },
+        **bench_activation_checkpointing(model, step_ours, preset, device),
+    }
+
+
+def bench_activation_checkpointing(model: GPT, step: Callable, preset: Preset, device: torch.device) -> dict:
+    """Our training step without and with activation checkpointing: tokens/s and step peak memory."""
+
+    def checkpointed_step() -> None:
+        model.activation_checkpointing = True
+        step()
+        model.activation_checkpointing = False
+
+    dt_off, dt_on = median_times(step, checkpointed_step, preset.train_steps, device)
+    tokens = preset.batch_size * preset.seq_len
+    return {
+        "checkpointing_tokens_per_s": {"off": tokens / dt_off, "on": tokens / dt_on},
+        "checkpointing_peak_memory_bytes": {
+            "off": step_peak_memory(step, device),
+            "on": step_peak_memory(checkpointed_step, device),
+        },
     }
 
 
@@ -314,6 +334,11 @@ def print_table(r: dict, preset: Preset) -> None:
         row(f"decode tokens/s batch {batch} ({gen})", *pair(f"decode_tokens_per_s_batch{batch}"))
     same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
     print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
+    print("\nours, activation checkpointing (train.py --activation_checkpointing=True)")
+    print(f"{'':<44} {'on':>12} {'off':>12} {'on/off':>9}")
+    row("train tokens/s", *pair("checkpointing_tokens_per_s", "on", "off"))
+    on, off = (r["checkpointing_peak_memory_bytes"][k] for k in ("on", "off"))
+    row("train step peak memory (MiB)", *(v / 2**20 if v is not None else None for v in (on, off)))
     shape = r["no_cache_model"]
     print(
         f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "

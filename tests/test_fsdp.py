@@ -148,3 +148,26 @@ def test_activation_checkpointing_gives_the_same_losses(char_data, tmp_path):
                         f"--activation_checkpointing={checkpointing}"])  # fmt: skip
         outputs[checkpointing] = losses(out)
     assert outputs[True] == pytest.approx(outputs[False], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_worker_during_sharded_saves_leaves_a_resumable_checkpoint(char_data, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY,
+               "--eval_interval=1", "--max_iters=100000", "--parallelism=fsdp"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith("iter 4: loss"):  # saving every iteration from here on
+            break
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())
+    ]
+    workers[-1].kill()  # one worker dies mid-run, most likely inside a save
+    proc.stdout.read()
+    assert proc.wait(timeout=120) != 0  # torchrun ends the other worker and reports the failure
+    iter_num = load_checkpoint(out)["iter_num"]
+    assert iter_num >= 3  # the save of iter 4 may have been the one cut short
+    run(out, char_data, f"--max_iters={iter_num + 2}", "--init_from=resume", "--parallelism=fsdp", nproc=2)
+    assert load_checkpoint(out)["iter_num"] == iter_num + 2
