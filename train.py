@@ -72,6 +72,11 @@ class TrainConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # key/value heads; None = n_head
     n_embd: int = 768
+    head_dim: int | None = None  # size of each attention head; None = n_embd // n_head
+    qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    attn_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see model.py
+    sliding_window: int | None = None  # attend to the W most recent positions only (Mistral)
     dropout: float = 0.0
     # AdamW, with linear warmup then cosine decay to min_lr
     learning_rate: float = 6e-4
@@ -90,8 +95,11 @@ class TrainConfig:
     seed: int = 1337
 
 
-# TrainConfig keys that are also GPTConfig fields: the model's shape.
-SHAPE_KEYS = ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# TrainConfig keys that are also GPTConfig fields: the model's shape and options.
+SHAPE_KEYS = (
+    *("block_size", "n_layer", "n_head", "n_kv_head", "n_embd"),
+    *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window"),
+)
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
 
 
