@@ -25,15 +25,16 @@ def save_checkpoint(checkpoint: dict, path: PathLike) -> None:
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
-    """Load with weights_only=True: a checkpoint cannot run code when it is opened."""
+def load_checkpoint(path: PathLike, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load with weights_only=True: a checkpoint cannot run code when it is opened. mmap: tensors are
+    read from the file only when used (for a look at the other entries)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"no checkpoint at {path}: train one first (python train.py ...) or fix out_dir"
         )
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch's message is advice about weights_only, wrong for a damaged file
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated, corrupt or not a checkpoint "
@@ -63,6 +64,22 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
     return model
+
+
+def tokenizer_entry_of(path: PathLike) -> dict:
+    """The tokenizer entry of a folder: the one its checkpoint records (path/ckpt.pt), else the Hugging
+    Face tokenizer of a model folder (e.g. one to fine-tune, before or after convert.py import)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder: give a checkpoint folder or a Hugging Face model folder")
+    if not (path / CKPT_NAME).is_file():
+        return {"tokenizer": "hf", "path": str(path.resolve())}
+    entry = load_checkpoint(path / CKPT_NAME, mmap=True).get("tokenizer")
+    if not entry:
+        raise CheckpointError(
+            f"checkpoint {path / CKPT_NAME} records no tokenizer (its 'tokenizer' entry is missing)"
+        )
+    return entry
 
 
 def load_model_and_tokenizer(
