@@ -656,3 +656,16 @@ def test_exported_tokenizer_of_each_kind_loads_with_autotokenizer_and_encodes_li
     config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config_json["bos_token_id"], config_json["eos_token_id"]) == (ours.bos_token, ours.eot_token)
     assert theirs.eos_token_id == ours.eot_token
+
+
+PUBLISHED = json.loads(Path(__file__).with_name("published_configs.json").read_text())
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_of_known_models_import_with_their_parameter_count_and_export_as_their_class(name):
+    """The README's models known to fit, by their config.json as published on the hub."""
+    hf = PUBLISHED[name]["config.json"]
+    config = convert.gpt_config_from_hf(hf)
+    with torch.device("meta"):  # shapes only
+        assert GPT(config).get_num_params() == PUBLISHED[name]["parameters"]
+    assert convert.hf_config(config, torch.bfloat16)["architectures"] == hf["architectures"]
