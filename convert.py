@@ -241,23 +241,24 @@ def sliding_window_from_hf(hf: dict, family: str) -> int | None:
     kinds = set(hf.get("layer_types") or [])
     if len(kinds) > 1 or kinds - {"full_attention", "sliding_attention"}:
         raise ConvertError(
-            f"layer_types holds {sorted(kinds)}: our attention is the same on every layer (all full, or all "
-            "one sliding window), so a model mixing kinds cannot be converted"
+            f"layer_types holds {sorted(kinds)}: our attention is full, or one sliding window, on every "
+            "layer alike; such a model cannot be converted"
         )
+    window = hf.get("sliding_window", 4096)  # the default of MistralConfig, Qwen2Config and Qwen3Config
     if family == "mistral":
-        return hf.get("sliding_window")  # MistralForCausalLM slides on every layer when a window is set
+        return window  # MistralForCausalLM slides on every layer when a window is set
     # Qwen2/Qwen3 files often set sliding_window with use_sliding_window false: then there is no window.
-    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    if not hf.get("use_sliding_window") or window is None:
         return None
     if kinds:  # transformers 5 writes the layer kinds out
-        return hf["sliding_window"] if kinds == {"sliding_attention"} else None
-    first, n_layer = hf.get("max_window_layers", 28), hf.get("num_hidden_layers", 0)  # Qwen2Config's default
+        return window if kinds == {"sliding_attention"} else None
+    first, n_layer = hf.get("max_window_layers", 28), hf.get("num_hidden_layers", 0)  # 28: Qwen's default
     if 0 < first < n_layer:
         raise ConvertError(
             f"max_window_layers is {first} with use_sliding_window true: only layers {first} to "
             f"{n_layer - 1} of {n_layer} slide, and our model slides on every layer or none"
         )
-    return hf["sliding_window"] if first <= 0 else None
+    return window if first <= 0 else None
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:

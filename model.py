@@ -183,7 +183,7 @@ class Attention(nn.Module):
             if self.sliding_window is not None and T == 1:  # a decoded token sees its window: no mask
                 k, v = k[:, :, -self.sliding_window :], v[:, :, -self.sliding_window :]
         # Causal for T > 1 (training, or a prefill from position 0) unless a sliding-window mask is given;
-        # one decoded token sees all keys. enable_gqa: each K/V head serves n_head / n_kv_head query heads.
+        # one decoded token sees every key it gets. enable_gqa: each K/V head serves its group of queries.
         y = F.scaled_dot_product_attention(
             q,
             k,

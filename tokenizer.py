@@ -228,7 +228,9 @@ class HFTokenizer(Tokenizer):
         """The bytes each id stands for, where tokens can split a character: byte-level BPE (GPT-2,
         Llama 3, Qwen), whose alphabet spells bytes, and SentencePiece (Llama 2, Mistral), with "▁" for
         a space and <0xNN> tokens for single bytes. Added tokens stand for their text."""
-        backend = self.tok.backend_tokenizer
+        backend = getattr(self.tok, "backend_tokenizer", None)  # a slow (Python) tokenizer has none
+        if backend is None:
+            return None
         decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder else {}
         kinds = {step["type"] for step in decoder.get("decoders", [decoder]) if step}
         vocab = backend.get_vocab(with_added_tokens=False)
