@@ -87,9 +87,11 @@ def to_peer(model: GPT):
 
     cfg = model.config
     dtype = model.lm_head.weight.dtype
-    # No tokenizer: no bos/eos ids, so random weights never stop generation early.
+    # No bos/eos ids (LlamaConfig would say 1 and 2), so random weights never stop generation early.
     # sdpa: their fastest built-in attention on every device, as ours uses.
-    peer_config = LlamaConfig(**hf_config(cfg, dtype, tokenizer={}), attn_implementation="sdpa")
+    peer_config = LlamaConfig(
+        **hf_config(cfg, dtype), bos_token_id=None, eos_token_id=None, attn_implementation="sdpa"
+    )
     peer = LlamaForCausalLM(peer_config)
     weights = to_hf(model.state_dict(), cfg, dtype)
     missing, unexpected = peer.load_state_dict(weights, strict=False)

@@ -101,9 +101,10 @@ def load_sharded_state(state: dict, folder: Path) -> None:
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
-def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: PathLike, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """The checkpoint path means (see find_checkpoint), loaded with weights_only=True: a checkpoint
-    cannot run code when it is opened."""
+    cannot run code when it is opened. mmap: a ckpt.pt's tensors are read only when used (for a look
+    at the other entries)."""
     path = find_checkpoint(path)
     if path.is_dir():
         try:
@@ -114,7 +115,7 @@ def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> dict:
                 f"cannot read sharded checkpoint {path}: {type(e).__name__}: {reason}"
             ) from e
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch's message is advice about weights_only, wrong for a damaged file
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated, corrupt or not a checkpoint "
@@ -144,6 +145,25 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
     return model
+
+
+def tokenizer_entry_of(path: PathLike) -> dict:
+    """The tokenizer entry of a folder: the one its checkpoint records (path/ckpt.pt), else the Hugging
+    Face tokenizer of a model folder (e.g. one to fine-tune, before or after convert.py import)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder: give a checkpoint folder or a Hugging Face model folder")
+    try:
+        found = find_checkpoint(path)
+    except CheckpointError:
+        return {"tokenizer": "hf", "path": str(path.resolve())}
+    if found.is_dir():  # a sharded checkpoint: its meta.pt holds everything but the tensors
+        entry = torch.load(found / SHARDED_META, weights_only=True).get("tokenizer")
+    else:
+        entry = load_checkpoint(found, mmap=True).get("tokenizer")
+    if not entry:
+        raise CheckpointError(f"checkpoint {found} records no tokenizer (its 'tokenizer' entry is missing)")
+    return entry
 
 
 def load_model_and_tokenizer(

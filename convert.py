@@ -1,7 +1,16 @@
-"""Convert between our checkpoints and Hugging Face Llama directories (config.json + safetensors).
+"""Convert between our checkpoints and Hugging Face model directories (config.json, safetensors, tokenizer)
+of the Llama, Qwen2, Qwen3 and Mistral families.
 
   python convert.py export OUT_DIR HF_DIR   # OUT_DIR/ckpt.pt -> HF_DIR for transformers, vLLM, llama.cpp
-  python convert.py import HF_DIR OUT_DIR   # a local HF Llama (SmolLM, TinyLlama, Llama 3) -> OUT_DIR/ckpt.pt
+  python convert.py import HF_DIR OUT_DIR   # Llama 3.2, Qwen2.5, Qwen3, Mistral, ... -> OUT_DIR/ckpt.pt
+
+The options of model.py that each family carries (export picks the family a checkpoint's options need,
+plain Llama when it uses none; rope_scaling 'llama3' and head_dim go with any of them):
+  llama    LlamaForCausalLM     -
+  qwen2    Qwen2ForCausalLM     attn_bias (always), sliding_window
+  qwen3    Qwen3ForCausalLM     qk_norm (always), sliding_window
+  mistral  MistralForCausalLM   sliding_window
+What a family may carry and model.py cannot compute is refused with a message naming the field.
 
 RoPE layout: model.py rotates the pairs (x[i], x[i + head_dim/2]) ("rotate half") exactly as HF's Llama
 does, so q_proj and k_proj copy over unchanged. The q/k row permutation other converters apply belongs
@@ -10,7 +19,7 @@ between Meta's original checkpoints (interleaved pairs) and HF; it has no place 
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,12 +27,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CKPT_NAME, clean_state_dict, load_checkpoint, save_checkpoint
-from model import GPTConfig
+from model import LLAMA3_SCALING_KEYS, GPTConfig
 from runtime import DTYPE_NAMES, UserError, atomic_write, exit_on_error
+from tokenizer import get_tokenizer
 
 TOKENIZER_KEY = (
     "nanogpt_tokenizer"  # our checkpoint's tokenizer entry, kept in config.json so import restores it
 )
+ARCHITECTURES = {  # model_type: the class of each family we convert
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 Layout = list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
 # config.json fields that size the model
 SIZE_KEYS = (
@@ -49,16 +65,12 @@ def weight_layout(config: GPTConfig) -> Layout:
         layout.append(("lm_head.weight", [("lm_head.weight", (V, E))]))
     for i in range(config.n_layer):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        qkv = [
+            (hf + f"self_attn.{x}_proj.", rows) for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))
+        ]
         layout += [
             (ours + "attn_norm.weight", [(hf + "input_layernorm.weight", (E,))]),
-            (
-                ours + "attn.wqkv.weight",
-                [
-                    (hf + "self_attn.q_proj.weight", (q_rows, E)),
-                    (hf + "self_attn.k_proj.weight", (kv_rows, E)),
-                    (hf + "self_attn.v_proj.weight", (kv_rows, E)),
-                ],
-            ),
+            (ours + "attn.wqkv.weight", [(name + "weight", (rows, E)) for name, rows in qkv]),
             (ours + "attn.wo.weight", [(hf + "self_attn.o_proj.weight", (E, q_rows))]),
             (ours + "mlp_norm.weight", [(hf + "post_attention_layernorm.weight", (E,))]),
             (
@@ -67,6 +79,12 @@ def weight_layout(config: GPTConfig) -> Layout:
             ),
             (ours + "mlp.down.weight", [(hf + "mlp.down_proj.weight", (E, hidden))]),
         ]
+        if config.attn_bias:  # Qwen2
+            layout.append((ours + "attn.wqkv.bias", [(name + "bias", (rows,)) for name, rows in qkv]))
+        if config.qk_norm:  # Qwen3
+            layout += [
+                (ours + f"attn.{x}_norm.weight", [(hf + f"self_attn.{x}_norm.weight", (hd,))]) for x in "qk"
+            ]
     return layout
 
 
@@ -90,65 +108,76 @@ def from_hf(tensors: dict, config: GPTConfig, dtype: torch.dtype) -> dict[str, t
     return state_dict
 
 
-def hf_config(config: GPTConfig, dtype: torch.dtype, tokenizer: dict) -> dict:
-    eot = tokenizer.get("eot_token")  # GPT-2 BPE's <|endoftext|> both starts and ends documents
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+# --- export: our config -> the family's config.json ---------------------------------------------------
+
+
+def family_for(config: GPTConfig) -> str:
+    """The model_type whose options the checkpoint uses: plain Llama when it uses none."""
+    if config.qk_norm and config.attn_bias:
+        raise ConvertError(
+            "qk_norm and attn_bias are both on, which no Hugging Face family has (Qwen3: QK-norm and no "
+            "q/k/v bias; Qwen2: q/k/v bias and no QK-norm): this checkpoint cannot be exported"
+        )
+    if config.qk_norm:
+        return "qwen3"
+    if config.attn_bias:
+        return "qwen2"
+    return "llama" if config.sliding_window is None else "mistral"
+
+
+def hf_config(config: GPTConfig, dtype: torch.dtype) -> dict:
+    """config.json of the family the checkpoint's options need (without the tokenizer's entries)."""
+    family = family_for(config)
+    rope = config.rope_scaling or {"rope_type": "default"}
+    hf = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
+        # Both spellings, which load the same: transformers 4 and the hub's files read rope_theta and
+        # rope_scaling, transformers 5 rope_parameters (it reads a rope_scaling first, if there is one).
         "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": eot,
-        "eos_token_id": eot,  # explicit None: LlamaConfig would default to ids 1 and 2
-        # An HF tokenizer is not ours to record: its files belong beside the weights, where import looks.
-        TOKENIZER_KEY: tokenizer if tokenizer.get("tokenizer") in ("char", "tiktoken") else None,
     }
+    if family in ("llama", "qwen3"):
+        hf["attention_bias"] = False  # true would add biases to o_proj as well
+    if family == "llama":
+        hf["mlp_bias"] = False
+    if family in ("qwen2", "qwen3"):  # a window on every layer: from layer 0 on
+        window = config.sliding_window
+        hf.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)
+    if family == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    return hf
 
 
-def rope_theta(hf: dict) -> float:
-    # transformers 4 writes rope_theta and rope_scaling; 5 writes rope_parameters {rope_type, rope_theta}.
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ConvertError(
-            f"rope scaling {kind!r} ({rope}) is not implemented by model.py; only plain RoPE converts"
-        )
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+# --- import: a family's config.json -> our config ---------------------------------------------------
 
 
 def gpt_config_from_hf(hf: dict) -> GPTConfig:
-    """Our config for a HF Llama config.json, refusing anything our model would compute differently."""
-    kind, architectures = hf.get("model_type"), hf.get("architectures") or ["LlamaForCausalLM"]
-    if kind != "llama" or architectures != ["LlamaForCausalLM"]:
+    """Our config for a config.json of a family we convert; refuses what our model would compute otherwise."""
+    family = hf.get("model_type")
+    architectures = hf.get("architectures") or [ARCHITECTURES.get(family, "no architectures")]
+    if family not in ARCHITECTURES or architectures != [ARCHITECTURES[family]]:
+        supported = ", ".join(f"{kind} ({cls})" for kind, cls in ARCHITECTURES.items())
         raise ConvertError(
-            f"model_type {kind!r} ({', '.join(architectures)}) is not supported; only Llama "
-            "(model_type 'llama', LlamaForCausalLM) converts"
+            f"model_type {family!r} ({', '.join(architectures)}) is not supported; these convert: {supported}"
         )
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ConvertError(
-                f"{key} is true, but our model has no biases; such a model cannot be converted"
-            )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"hidden_act {hf['hidden_act']!r} is not supported; our MLP is SwiGLU (silu)")
+    refuse_unsupported_fields(hf, family)
     try:
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-        if (hf.get("head_dim") or n_embd // n_head) != n_embd // n_head:
-            raise ConvertError(
-                f"head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads = "
-                f"{n_embd // n_head}; our model derives the head size and cannot hold this one"
-            )
+        rope_theta, rope_scaling = rope_from_hf(hf)
         return GPTConfig(
             vocab_size=hf["vocab_size"],
             block_size=hf["max_position_embeddings"],
@@ -156,13 +185,18 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
             n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head,
             n_embd=n_embd,
+            head_dim=hf.get("head_dim") or (128 if family == "qwen3" else n_embd // n_head),
             intermediate_size=hf["intermediate_size"],
-            rope_theta=rope_theta(hf),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            qk_norm=family == "qwen3",
+            attn_bias=family == "qwen2",
+            sliding_window=sliding_window_from_hf(hf, family),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False),
-        )  # the defaults above are LlamaConfig's, for keys a config.json leaves out
+        )  # the defaults above are the families' own (Qwen3Config: head_dim 128), for keys a file leaves out
     except KeyError as e:
-        raise ConvertError(f"config.json has no {e.args[0]!r}, which a Llama config needs") from e
+        raise ConvertError(f"config.json has no {e.args[0]!r}, which a {family} config needs") from e
     except ValueError as e:
         raise ConvertError(f"config.json describes a model ours cannot build: {e}") from e
 
@@ -176,6 +210,72 @@ def check_config_numbers(hf: object) -> None:
         value = hf.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConvertError(f"config.json: {key} must be a positive integer, got {value!r}")
+
+
+def refuse_unsupported_fields(hf: dict, family: str) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"hidden_act {hf['hidden_act']!r} is not supported; our MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        raise ConvertError("mlp_bias is true, but our MLP has no biases; such a model cannot be converted")
+    if hf.get("attention_bias") and family in ("llama", "qwen3"):
+        raise ConvertError(
+            f"attention_bias is true: {ARCHITECTURES[family]} then biases o_proj as well as q/k/v, and our "
+            "model has q/k/v biases only (as Qwen2); such a model cannot be converted"
+        )
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hf.get(key):
+            raise ConvertError(f"{key} is {hf[key]}: mixture-of-experts layers are not supported")
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """rope_theta and our rope_scaling. Hub files and transformers 4 write rope_theta and rope_scaling,
+    transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; as transformers 5 does, a
+    rope_scaling wins over rope_parameters."""
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(field) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ConvertError(
+            f"rope scaling {kind!r} ({field} {rope}) is not implemented by model.py; plain RoPE and "
+            "'llama3' convert"
+        )
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConvertError(f"partial_rotary_factor is {partial}; our RoPE rotates the whole head")
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    missing = [key for key in LLAMA3_SCALING_KEYS if key not in rope]
+    if missing:
+        raise ConvertError(f"{field} of rope_type 'llama3' has no {', '.join(missing)}")
+    return theta, {"rope_type": "llama3", **{key: rope[key] for key in LLAMA3_SCALING_KEYS}}
+
+
+def sliding_window_from_hf(hf: dict, family: str) -> int | None:
+    """The window all layers use, or None; a window on only some layers is refused."""
+    if family == "llama":
+        return None  # LlamaForCausalLM has no sliding window, whatever config.json says
+    kinds = set(hf.get("layer_types") or [])
+    if len(kinds) > 1 or kinds - {"full_attention", "sliding_attention"}:
+        raise ConvertError(
+            f"layer_types holds {sorted(kinds)}: our attention is full, or one sliding window, on every "
+            "layer alike; such a model cannot be converted"
+        )
+    window = hf.get("sliding_window", 4096)  # the default of MistralConfig, Qwen2Config and Qwen3Config
+    if family == "mistral":
+        return window  # MistralForCausalLM slides on every layer when a window is set
+    # Qwen2/Qwen3 files often set sliding_window with use_sliding_window false: then there is no window.
+    if not hf.get("use_sliding_window") or window is None:
+        return None
+    if kinds:  # transformers 5 writes the layer kinds out
+        return window if kinds == {"sliding_attention"} else None
+    first, n_layer = hf.get("max_window_layers", 28), hf.get("num_hidden_layers", 0)  # 28: Qwen's default
+    if 0 < first < n_layer:
+        raise ConvertError(
+            f"max_window_layers is {first} with use_sliding_window true: only layers {first} to "
+            f"{n_layer - 1} of {n_layer} slide, and our model slides on every layer or none"
+        )
+    return window if first <= 0 else None
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -225,15 +325,24 @@ def shard_files(index: Path) -> list[Path]:
     return files
 
 
-def check_tensors(tensors: dict, config: GPTConfig) -> None:
+def check_tensors(tensors: dict, config: GPTConfig, family: str) -> None:
     """Exactly the tensors the config implies, each of the shape it implies: nothing dropped or guessed."""
     for name in [n for n in tensors if n.endswith("rotary_emb.inv_freq")]:
         del tensors[name]  # a buffer some older conversions saved; it follows from rope_theta
+    embedding = tensors.get("model.embed_tokens.weight")
+    if config.tie_embeddings and "lm_head.weight" in tensors:  # some files keep the tied head anyway
+        if embedding is not None and not torch.equal(tensors.pop("lm_head.weight"), embedding):
+            raise ConvertError(
+                "tie_word_embeddings is true, but lm_head.weight differs from model.embed_tokens.weight; "
+                "if the head is a weight of its own, set tie_word_embeddings to false in config.json"
+            )
+    if not config.tie_embeddings and "lm_head.weight" not in tensors:
+        raise ConvertError("tie_word_embeddings is false, but the weights hold no lm_head.weight")
     expected = {name: shape for _, parts in weight_layout(config) for name, shape in parts}
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise ConvertError(
-            f"the weights do not match a Llama of this config.json: missing {missing[:5]} "
+            f"the weights do not match a {family} model of this config.json: missing {missing[:5]} "
             f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
         )
     for name, shape in expected.items():
@@ -243,8 +352,15 @@ def check_tensors(tensors: dict, config: GPTConfig) -> None:
             )
 
 
-def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
-    """Write out_dir/ckpt.pt from a HF Llama directory: weights and config only, iteration 0."""
+def import_hf(
+    hf_dir: Path,
+    out_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    block_size: int | None = None,
+) -> Path:
+    """Write out_dir/ckpt.pt from a HF model directory: weights and config only, iteration 0.
+    block_size: a context shorter than max_position_embeddings, to fine-tune and sample at."""
     hf_dir, ckpt_path = Path(hf_dir).resolve(), Path(out_dir) / CKPT_NAME
     if ckpt_path.exists() and not force:
         raise ConvertError(
@@ -260,8 +376,15 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
         ) from e
     check_config_numbers(hf)
     config = gpt_config_from_hf(hf)
+    if block_size is not None:
+        if not 1 <= block_size <= config.block_size:
+            raise ConvertError(
+                f"--block_size {block_size} must be between 1 and the model's max_position_embeddings "
+                f"{config.block_size}"
+            )
+        config = replace(config, block_size=block_size)
     tensors = read_safetensors(hf_dir)
-    check_tensors(tensors, config)
+    check_tensors(tensors, config, hf["model_type"])
     # An export of ours restores its own tokenizer; anything else samples through the HF tokenizer beside it.
     tokenizer = hf.get(TOKENIZER_KEY) or {
         "tokenizer": "hf",
@@ -279,18 +402,27 @@ def import_hf(hf_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32, f
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, ckpt_path)
     print(
-        f"imported {hf_dir} -> {ckpt_path} ({config.n_layer} layers, n_embd {config.n_embd}, "
-        f"tokenizer {tokenizer['tokenizer']})"
+        f"imported {hf_dir} ({hf['model_type']}) -> {ckpt_path} ({config.n_layer} layers, n_embd "
+        f"{config.n_embd}, block_size {config.block_size}, tokenizer {tokenizer['tokenizer']})"
     )
     return ckpt_path
 
 
 def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:
-    """config.json and model.safetensors of out_dir/ckpt.pt into hf_dir (dtype: as stored, by default)."""
+    """config.json, model.safetensors and the tokenizer of out_dir's checkpoint into hf_dir (dtype: as stored,
+    by default), as the family its options need."""
     checkpoint = load_checkpoint(out_dir)  # ckpt.pt or a sharded checkpoint
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
-    tokenizer = checkpoint.get("tokenizer") or {}
+    config_json = hf_config(config, dtype)  # first: it refuses what no family represents
+    entry = checkpoint.get("tokenizer") or {}
+    tokenizer, note = None, "none: the checkpoint records none"
+    if entry:
+        try:
+            tokenizer = get_tokenizer(entry)
+            note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
+        except (UserError, KeyError, ValueError) as e:  # the weights are still worth writing
+            note = f"none written: {e}"
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     tensors = to_hf(state_dict, config, dtype)
@@ -298,20 +430,20 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> 
     atomic_write(
         hf_dir / "model.safetensors", lambda f: save_file(tensors, f.name, metadata={"format": "pt"})
     )
+    bos, eos = None, None  # explicit None without a tokenizer: LlamaConfig would say 1 and 2
+    if tokenizer is not None:
+        tokenizer.save_hf(hf_dir)
+        bos, eos = tokenizer.bos_token, tokenizer.eot_token
+    config_json.update(bos_token_id=bos, eos_token_id=eos)
+    # An HF tokenizer is not ours to record: its files are beside the weights, where import looks.
+    config_json[TOKENIZER_KEY] = entry if entry.get("tokenizer") in ("char", "tiktoken") else None
     # config.json last: transformers treats the directory as a model only once it is there.
-    config_json = json.dumps(hf_config(config, dtype, tokenizer), indent=2) + "\n"
-    atomic_write(hf_dir / "config.json", lambda f: f.write(config_json.encode("utf-8")))
-    kind = tokenizer.get("tokenizer")
-    notes = {
-        "char": f"our own character table, kept in config.json under {TOKENIZER_KEY!r}; transformers has no "
-        "tokenizer for it: encode with tokenizer.py, or import the directory back",
-        "tiktoken": f"tiktoken {tokenizer.get('encoding')!r}, noted in config.json; with transformers use "
-        "the matching Hugging Face tokenizer (GPT2TokenizerFast for gpt2)",
-        "hf": f"the Hugging Face tokenizer in {tokenizer.get('path')}; copy its tokenizer files "
-        f"into {hf_dir}",
-    }
-    print(f"exported {out_dir} -> {hf_dir} ({str(dtype).removeprefix('torch.')})")
-    print(f"tokenizer: {notes.get(kind, 'none recorded in the checkpoint')}")
+    text = json.dumps(config_json, indent=2) + "\n"
+    atomic_write(hf_dir / "config.json", lambda f: f.write(text.encode("utf-8")))
+    print(
+        f"exported {out_dir} -> {hf_dir} ({config_json['architectures'][0]}, "
+        f"{str(dtype).removeprefix('torch.')}); tokenizer: {note}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,13 +451,15 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="our checkpoint -> a Hugging Face Llama directory")
+    export = commands.add_parser("export", help="our checkpoint -> a Hugging Face model directory")
     export.add_argument("out_dir", type=Path, help="run directory holding ckpt.pt")
-    export.add_argument("hf_dir", type=Path, help="directory to write config.json and model.safetensors into")
+    export.add_argument(
+        "hf_dir", type=Path, help="directory to write config.json, model.safetensors and the tokenizer into"
+    )
     export.add_argument(
         "--dtype", choices=DTYPE_NAMES, help="tensor dtype on disk (default: the checkpoint's)"
     )
-    imp = commands.add_parser("import", help="a Hugging Face Llama directory -> our checkpoint")
+    imp = commands.add_parser("import", help="a Hugging Face model directory -> our checkpoint")
     imp.add_argument(
         "hf_dir", type=Path, help="directory with config.json and model.safetensors (or shards + index)"
     )
@@ -334,13 +468,19 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=DTYPE_NAMES, default="float32", help="tensor dtype in ckpt.pt (default: float32)"
     )
     imp.add_argument("--force", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+    imp.add_argument(
+        "--block_size",
+        type=int,
+        help="context length, if shorter than the model's max_position_embeddings: what train.py trains "
+        "at (init_from takes the checkpoint's) and sample.py samples at",
+    )
     args = parser.parse_args(argv)  # a bad argument exits 2, as a bad flag does in every CLI here
 
     def run() -> None:
         if args.command == "export":
             export_hf(args.out_dir, args.hf_dir, getattr(torch, args.dtype) if args.dtype else None)
         else:
-            import_hf(args.hf_dir, args.out_dir, getattr(torch, args.dtype), args.force)
+            import_hf(args.hf_dir, args.out_dir, getattr(torch, args.dtype), args.force, args.block_size)
 
     exit_on_error(run)
 

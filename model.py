@@ -1,7 +1,10 @@
 """A Llama-class decoder-only transformer in one file.
 
 Token embedding -> n_layer pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual,
-RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head. No biases anywhere.
+RMSNorm -> SwiGLU MLP -> residual) -> RMSNorm -> LM head. No biases by default.
+
+Options of today's open models, each off by default (GPTConfig): QK-norm (Qwen3), q/k/v biases (Qwen2),
+Llama 3.1 RoPE scaling, sliding-window attention (Mistral), a head size of its own (Qwen3).
 
 The rotary embedding uses the "rotate half" layout of Hugging Face's Llama, so weights map one to one
 to `LlamaForCausalLM` (q/k projections included) and logits match it.
@@ -30,12 +33,36 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_tables(
+    head_dim: int, length: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles for positions 0..length-1, each (length, head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, *(scaling[key] for key in LLAMA3_SCALING_KEYS))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)  # (length, head_dim): both halves share a frequency
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength exceeds original / low_freq_factor are
+    divided by factor, those shorter than original / high_freq_factor are kept, and the band between
+    moves smoothly from one to the other."""
+    wavelength = 2 * math.pi / inv_freq
+    band = high_freq_factor - low_freq_factor
+    # 0 at the long-wavelength edge of the band, 1 at the short one, clamped outside it
+    smooth = ((original_max_position_embeddings / wavelength - low_freq_factor) / band).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,9 +101,16 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
     n_embd: int = 768
+    head_dim: int | None = None  # size of each head; None = n_embd // n_head (Qwen3 sets its own)
     intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
     multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
     rope_theta: float = 10000.0
+    # None, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}: longer context than trained
+    rope_scaling: dict | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, OLMo 2)
+    attn_bias: bool = False  # biases on the q, k and v projections, not the output one (Qwen2)
+    sliding_window: int | None = None  # a query attends to the W most recent positions, itself included
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # share the token embedding with the LM head
     dropout: float = 0.0
@@ -87,25 +121,32 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.head_dim % 2:
+        head_size = f"head_dim {self.head_dim}"
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+            head_size = f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim}"
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"{head_size} must be even and positive for rotary embeddings")
+        scaling = self.rope_scaling
+        if scaling is not None and (
+            scaling.keys() != {"rope_type", *LLAMA3_SCALING_KEYS} or scaling["rope_type"] != "llama3"
+        ):
             raise ValueError(
-                f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim} must be even "
-                "for rotary embeddings; change n_embd or n_head"
+                f"rope_scaling must be None or hold rope_type 'llama3' and {', '.join(LLAMA3_SCALING_KEYS)}; "
+                f"got {scaling}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or at least 1, got {self.sliding_window}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.intermediate_size is None:
             # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
             hidden = int(2 * 4 * self.n_embd / 3)
             self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
 
 class Attention(nn.Module):
@@ -114,34 +155,46 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.wqkv = nn.Linear(
-            config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False
+            config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.attn_bias
         )
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # one gain of head size for all query heads, one for all key heads
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.sliding_window = config.sliding_window
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_cos, rope_sin, cache: KVCache | None = None, start_pos: int = 0):
-        B, T, C = x.shape
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
         n_qk = self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
+        qk = qkv[:, :, :n_qk]  # (B, T, n_head + n_kv_head, head_dim)
+        if self.qk_norm:
+            q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
         # q and k are neighbours in the fused projection: rotate both in one pass.
-        qk = apply_rope(qkv[:, :, :n_qk], rope_cos, rope_sin)  # (B, T, n_head + n_kv_head, head_dim)
+        qk = apply_rope(qk, rope_cos, rope_sin)
         q = qk[:, :, : self.n_head].transpose(1, 2)  # (B, n_head, T, head_dim)
         k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, start_pos + T, head_dim)
-        # Causal mask for T > 1 (training, or a prefill from position 0); one decoded token sees all keys.
-        # enable_gqa: each K/V head serves its group of n_head / n_kv_head query heads.
+            if self.sliding_window is not None and T == 1:  # a decoded token sees its window: no mask
+                k, v = k[:, :, -self.sliding_window :], v[:, :, -self.sliding_window :]
+        # Causal for T > 1 (training, or a prefill from position 0) unless a sliding-window mask is given;
+        # one decoded token sees every key it gets. enable_gqa: each K/V head serves its group of queries.
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=T > 1,
+            is_causal=T > 1 and mask is None,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
 
@@ -167,8 +220,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos, rope_sin, cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, cache, start_pos)
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -183,7 +236,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         # Computed once; not saved in checkpoints since they follow from the config.
-        rope_cos, rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        rope_cos, rope_sin = rope_tables(
+            config.head_dim, config.block_size, config.rope_theta, config.rope_scaling
+        )
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
@@ -197,6 +252,8 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding: bool = False) -> int:
         """Parameter count. non_embedding leaves out the input embedding table, unless it is tied to the
@@ -226,11 +283,18 @@ class GPT(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, n_embd)
         rope_cos = self.rope_cos[start_pos : start_pos + T, None]  # (T, 1, head_dim): broadcast over heads
         rope_sin = self.rope_sin[start_pos : start_pos + T, None]
+        mask = None
+        W = self.config.sliding_window
+        if W is not None and T > W:  # T <= W is plain causal attention; one decoded token: see Attention
+            # Query i sees key j iff i - W < j <= i: transformers' sliding_window_overlay (masking_utils),
+            # which its Mistral, Qwen2 and Qwen3 use. T > 1 starts at position 0 (checked above).
+            back = torch.arange(T, device=idx.device)[:, None] - torch.arange(T, device=idx.device)
+            mask = (back >= 0) & (back < W)  # (T, T): True where a key is attended to
         for block in self.layers:
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
-                x = checkpoint(block, x, rope_cos, rope_sin, use_reentrant=False)
+                x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
             else:
-                x = block(x, rope_cos, rope_sin, cache, start_pos)
+                x = block(x, rope_cos, rope_sin, mask, cache, start_pos)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
@@ -254,9 +318,10 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over seq_len positions."""
-        T = seq_len or self.config.block_size
         cfg = self.config
-        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        T = seq_len or cfg.block_size
+        attended = min(T, cfg.sliding_window or T)  # keys per query, at most
+        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * attended
         return 6 * self.get_num_params(non_embedding=True) + attention
 
     @torch.inference_mode()

@@ -92,6 +92,11 @@ class TrainConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # key/value heads; None = n_head
     n_embd: int = 768
+    head_dim: int | None = None  # size of each attention head; None = n_embd // n_head
+    qk_norm: bool = False  # RMSNorm on each head's q and k (Qwen3)
+    attn_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see model.py
+    sliding_window: int | None = None  # attend to the W most recent positions only (Mistral)
     dropout: float = 0.0
     # AdamW, with linear warmup then cosine decay to min_lr
     learning_rate: float = 6e-4
@@ -115,8 +120,11 @@ class TrainConfig:
     seed: int = 1337
 
 
-# TrainConfig keys that are also GPTConfig fields: the model's shape.
-SHAPE_KEYS = ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+# TrainConfig keys that are also GPTConfig fields: the model's shape and options.
+SHAPE_KEYS = (
+    *("block_size", "n_layer", "n_head", "n_kv_head", "n_embd"),
+    *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window"),
+)
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
 _stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops after this iteration
 
@@ -295,8 +303,10 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 
 def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainConfig]:
     """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
-    shape keys set to the model's. Resuming needs the run's own shape; any other load takes the
-    checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice."""
+    shape keys set to the model's. Resuming needs the run's own shape keys; any other load takes the
+    checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice.
+    What TrainConfig does not set (MLP width, norm epsilon, RoPE theta, tied head) always comes from
+    the checkpoint."""
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
         return GPT(wanted), None, cfg
@@ -310,18 +320,13 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
         checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
     model = model_from_checkpoint(checkpoint)
     loaded = model.config
-    if cfg.init_from == "resume" and not cfg.eval_only:
-        wanted_args = asdict(wanted)
-        diffs = [
-            f"{k}={v} (config: {wanted_args[k]})" for k, v in asdict(loaded).items() if v != wanted_args[k]
-        ]
-        if diffs:
-            raise ConfigError(
-                f"cannot resume {path}: its model has {', '.join(diffs)}. Resume with the run's own config "
-                "(e.g. the same config file), or start a new run in another out_dir"
-            )
-        return model, checkpoint, cfg
     changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
+    if changed and cfg.init_from == "resume" and not cfg.eval_only:
+        diffs = ", ".join(f"{k}={v} (config: {getattr(wanted, k)})" for k, v in changed.items())
+        raise ConfigError(
+            f"cannot resume {path}: its model has {diffs}. Resume with the run's own config "
+            "(e.g. the same config file), or start a new run in another out_dir"
+        )
     if changed:
         shape = ", ".join(f"{k}={v}" for k, v in changed.items())
         print0(f"note: the model's shape comes from {path}: {shape} (the config's values are ignored)")

@@ -12,7 +12,7 @@ import pytest
 
 from data.common import TokenSetWriter, dtype_for_vocab
 from runtime import UserError
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, tokenizer_entry
 from train import load_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +257,32 @@ def test_openwebtext_bad_input_fails_clearly(tmp_path, name, content, phrase):
     assert_clean_failure(result, phrase)
     assert not (tmp_path / "set" / "train.bin").exists()
     assert not list(tmp_path.glob("set/*.tmp"))
+
+
+def test_tokenizer_of_a_checkpoint_gives_the_ids_of_the_set_it_was_trained_on(
+    shakespeare_sets, shakespeare_input, tmp_path
+):
+    from checkpoint import CKPT_NAME, save_checkpoint  # torch: only this test needs it
+
+    char_set = shakespeare_sets["shakespeare_char"]
+    (tmp_path / "run").mkdir()
+    save_checkpoint({"tokenizer": tokenizer_entry(load_meta(char_set))}, tmp_path / "run" / CKPT_NAME)
+    result = prepare(
+        "shakespeare",
+        "--input",
+        shakespeare_input,
+        "--tokenizer",
+        tmp_path / "run",
+        "--out_dir",
+        tmp_path / "set",
+    )
+    assert_ok(result)
+    assert load_meta(tmp_path / "set")["tokenizer"] == "char"
+    for split in ("train", "val"):
+        assert np.array_equal(tokens(tmp_path / "set", split), tokens(char_set, split))
+    (tmp_path / "other.txt").write_text("Not in Shakespeare: é", encoding="utf-8")
+    other = ("--input", tmp_path / "other.txt", "--out_dir", tmp_path / "other")
+    assert_clean_failure(prepare("shakespeare", *other, "--tokenizer", tmp_path / "run"), "'é'")
 
 
 @pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare"])

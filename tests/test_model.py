@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench import generate_without_cache
-from model import GPT, GPTConfig, filter_logits, sample_next_token
+from model import GPT, GPTConfig, KVCache, filter_logits, rope_tables, sample_next_token
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,11 +18,30 @@ def tiny_config(**overrides) -> GPTConfig:
 def random_model(config: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(config).eval()
-    with torch.no_grad():  # norm gains of one would hide a mix-up between norms
+    with torch.no_grad():  # norm gains of one and zero biases would hide a mix-up
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
     return model
+
+
+# Every option on: QK-norm, q/k/v biases, Llama 3 RoPE scaling, a window shorter than the sequences
+# the tests run, a head size of its own (4 heads of 12 in a 32-wide model), GQA.
+EVERY_OPTION = dict(
+    qk_norm=True,
+    attn_bias=True,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+    sliding_window=5,
+    head_dim=12,
+)
 
 
 def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
@@ -92,11 +111,10 @@ def test_logits_match_transformers_with_explicit_mlp_size_and_mqa():
         assert (all_logits(model, idx) - to_llama(model)(idx).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every-option"])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_cached_decode_matches_full_forward(batch_size):
-    from model import KVCache
-
-    config = tiny_config()
+def test_cached_decode_matches_full_forward(batch_size, options):
+    config = tiny_config(**options)
     model = random_model(config)
     idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
     prompt_len = 5
@@ -110,9 +128,10 @@ def test_cached_decode_matches_full_forward(batch_size):
             assert (logits[:, -1] - full[:, pos]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every-option"])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size):
-    config = tiny_config()
+def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size, options):
+    config = tiny_config(**options)  # every-option: a 6-token prompt is longer than the window of 5
     model = random_model(config, seed=1)
     prompt = torch.randint(0, config.vocab_size, (batch_size, 6))
     with torch.no_grad():
@@ -144,6 +163,36 @@ def test_changing_a_token_never_changes_earlier_logits():
             after = all_logits(model, changed)
             assert torch.equal(after[:, :t], before[:, :t])
             assert not torch.allclose(after[:, t], before[:, t])
+
+
+def test_sliding_window_hides_keys_w_or_more_positions_back():
+    config = tiny_config(n_layer=1, sliding_window=4)  # one layer: nothing relays older tokens forward
+    model = random_model(config, seed=5)
+    idx = torch.randint(0, config.vocab_size, (1, config.block_size))
+    changed = idx.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % config.vocab_size
+    with torch.no_grad():
+        moved = (all_logits(model, changed) - all_logits(model, idx)).abs().amax(dim=-1)[0]
+    assert moved[:10].max() == 0 and moved[10:14].min() > 0 and moved[14:].max() == 0
+
+
+def test_llama3_rope_scaling_stretches_long_wavelengths_only():
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (_, sin), (_, scaled_sin) = rope_tables(64, 2, 10000.0), rope_tables(64, 2, 10000.0, scaling)
+    angle, scaled = sin[1, :32].asin(), scaled_sin[1, :32].asin()  # position 1: the frequencies themselves
+    wavelength = 2 * torch.pi / angle
+    short, long = wavelength < 64 / 4, wavelength > 64 / 1
+    assert short.any() and long.any() and (~short & ~long).any()  # all three bands are there
+    torch.testing.assert_close(scaled[short], angle[short])
+    torch.testing.assert_close(scaled[long], angle[long] / 8)
+    between = ~short & ~long
+    assert ((scaled[between] < angle[between]) & (scaled[between] > angle[between] / 8)).all()
 
 
 def test_top_k_one_equals_greedy():
@@ -238,6 +287,9 @@ def test_bf16_autocast_on_cpu_runs():
         (dict(n_embd=36, n_head=4, n_kv_head=4), ["n_embd", "n_head", "9", "even"]),
         (dict(n_layer=0), ["n_layer", "0"]),
         (dict(dropout=1.0), ["dropout"]),
+        (dict(head_dim=7), ["head_dim", "7", "even"]),
+        (dict(sliding_window=0), ["sliding_window", "0"]),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["rope_scaling", "llama3", "yarn"]),
     ],
 )
 def test_bad_config_raises_value_error_naming_fields(overrides, names):
@@ -262,6 +314,17 @@ def test_weight_decay_only_on_matrices_and_init_scales_residual_projections():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert abs(model.layers[0].attn.wqkv.weight.std().item() - 0.02) < 0.002
     assert abs(model.layers[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8)
+
+
+def test_options_off_add_no_weights_and_on_add_only_their_own():
+    plain = set(GPT(tiny_config()).state_dict())
+    assert not any(name.endswith(("bias", "q_norm.weight", "k_norm.weight")) for name in plain)
+    every = set(GPT(tiny_config(**EVERY_OPTION)).state_dict())
+    assert every - plain == {
+        f"layers.{i}.attn.{name}"
+        for i in range(2)
+        for name in ("wqkv.bias", "q_norm.weight", "k_norm.weight")
+    }
 
 
 def test_num_params_counts_a_tied_weight_once():

@@ -130,6 +130,41 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(char_data, tmp_path, dr
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+OPTIONS = {  # model.py's options, set by train.py flags; the window is shorter than block_size 32
+    "qk_norm": {"qk_norm": True},
+    "attn_bias": {"attn_bias": True},
+    "rope_scaling": {"rope_scaling": LLAMA3},
+    "sliding_window": {"sliding_window": 8},
+    "head_dim": {"head_dim": 8},
+    "every-option": {"qk_norm": True, "attn_bias": True, "rope_scaling": LLAMA3, "sliding_window": 8},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_each_model_option_trains_from_scratch_and_resumes_exactly(char_data, tmp_path, options):
+    flags = [f"--{key}={value!r}" for key, value in options.items()]
+    common = ("--eval_interval=4", "--always_save_checkpoint=True", "--lr_decay_iters=8", *flags)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(straight, char_data, "--max_iters=8", *common) == 0
+    assert run_train(split, char_data, "--max_iters=4", *common) == 0
+    assert run_train(split, char_data, "--max_iters=8", "--init_from=resume", *common) == 0
+
+    losses = metric(straight, "loss")
+    assert losses[8] < losses[1] - 0.3  # it learns
+    assert list(metric(split, "loss").items()) == list(losses.items())
+    a, b = load_checkpoint(straight / CKPT_NAME), load_checkpoint(split / CKPT_NAME)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert {key: a["model_args"][key] for key in options} == options
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(char_data, tmp_path):
     out = tmp_path / "out"
@@ -227,7 +262,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
 def test_init_from_a_converted_checkpoint_starts_a_new_run_with_its_shape(char_data, tmp_path, capsys):
     source = tmp_path / "converted"
     source.mkdir()
-    shape = GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)
+    shape = GPTConfig(
+        vocab_size=65,
+        block_size=16,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        tie_embeddings=False,
+        intermediate_size=24,
+    )
     save_checkpoint(
         {
             "model": GPT(shape).state_dict(),
@@ -248,6 +291,10 @@ def test_init_from_a_converted_checkpoint_starts_a_new_run_with_its_shape(char_d
     assert checkpoint["model_args"] == vars(shape)
     assert checkpoint["config"]["block_size"] == 16 and checkpoint["iter_num"] == 2
     assert checkpoint["tokenizer"]["vocab_size"] == 65  # the data set's tokenizer, not the source's
+    # The fine-tune resumes from its out_dir alone, though TrainConfig cannot state an untied head.
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"])
+    assert exit_info.value.code == 0 and load_checkpoint(out / CKPT_NAME)["iter_num"] == 4
 
 
 def test_eval_only_reports_the_full_val_loss_of_a_checkpoint(char_data, tmp_path, capsys):
