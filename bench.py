@@ -170,21 +170,32 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
     return peak_rss_bytes() - before
 
 
+def our_train_step(model: GPT, x: torch.Tensor, autocast) -> tuple[Callable[[], None], torch.optim.AdamW]:
+    """One forward + backward + AdamW step of our model on the batch x, and its optimizer."""
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
+
+    def step() -> None:
+        with autocast():
+            loss = model(x, x)[1]  # not holding the logits: they would stay alive through backward
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer
+
+
+def random_batch(preset: Preset, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, preset.model["vocab_size"], (preset.batch_size, preset.seq_len), device=device)
+
+
 def train_step_fns(
     model: GPT, peer, preset: Preset, device: torch.device, autocast
 ) -> tuple[Callable, Callable]:
     """One forward + backward + AdamW step for each model, on the same random batch."""
-    x = torch.randint(0, model.config.vocab_size, (preset.batch_size, preset.seq_len), device=device)
-    opt_ours = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-    fused = opt_ours.defaults["fused"]  # the same AdamW for both: the comparison is of the models
+    x = random_batch(preset, device)
+    ours, optimizer = our_train_step(model, x, autocast)
+    fused = optimizer.defaults["fused"]  # the same AdamW as ours: the comparison is of the models
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-
-    def ours() -> None:
-        with autocast():
-            loss = model(x, x)[1]  # not holding the logits: they would stay alive through backward
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
 
     def peer_step() -> None:
         with autocast():
@@ -256,6 +267,34 @@ def bench_activation_checkpointing(model: GPT, step: Callable, preset: Preset, d
             "on": step_peak_memory(checkpointed_step, device),
         },
     }
+
+
+OPTIONS = {  # model.py's options, as bench_options turns each on (sliding_window: half the sequence)
+    "qk_norm": {"qk_norm": True},
+    "attn_bias": {"attn_bias": True},
+    "rope_scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128}},
+    "sliding_window": {"sliding_window": 128},
+}  # fmt: skip
+
+
+def bench_options(preset: Preset, device: torch.device, autocast) -> dict:
+    """Our training tokens/s with each model option on, against all off, timed alternately."""
+    tokens = preset.batch_size * preset.seq_len
+    results = {}
+    for name, option in OPTIONS.items():
+        steps = []
+        for overrides in ({}, option):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**preset.model, **overrides)).to(device).train()
+            steps.append(our_train_step(model, random_batch(preset, device), autocast)[0])
+        dt_off, dt_on = median_times(*steps, preset.train_steps, device, warm_up=True)
+        results[name] = {"off": tokens / dt_off, "on": tokens / dt_on}
+        print(
+            f"{name:<16} on {tokens / dt_on:>10,.0f} tokens/s, off {tokens / dt_off:>10,.0f}: "
+            f"{dt_off / dt_on:.3f}x"
+        )
+    return results
 
 
 def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
@@ -374,6 +413,11 @@ def bench(argv: list[str] | None) -> None:
         "--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison"
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--options",
+        action="store_true",
+        help="only: our training speed with each model option on against all off",
+    )
     args = parser.parse_args(argv)
 
     import transformers
@@ -406,11 +450,14 @@ def bench(argv: list[str] | None) -> None:
     )
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
-    results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
-    results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
-    results.update(bench_generation(model, preset, device, autocast))
-    results.update(bench_kv_cache(shakespeare_model(args.out_dir, device), preset, device, autocast))
-    print_table(results, preset)
+    if args.options:
+        results["option_tokens_per_s"] = bench_options(preset, device, autocast)
+    else:
+        results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
+        results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
+        results.update(bench_generation(model, preset, device, autocast))
+        results.update(bench_kv_cache(shakespeare_model(args.out_dir, device), preset, device, autocast))
+        print_table(results, preset)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -50,3 +50,12 @@ def test_plot_writes_png_from_metrics(tmp_path):
 def test_plot_without_metrics_exits_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="no .*metrics.jsonl"):
         plot.main([str(tmp_path)])
+
+
+def test_bench_options_times_each_model_option_against_all_off(tmp_path, one_thread):
+    out = tmp_path / "options.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--preset", "tiny", "--device", "cpu", "--options", "--json", str(out)])
+    assert exit_info.value.code == 0
+    results = json.loads(out.read_text())["option_tokens_per_s"]
+    assert set(results) == set(bench.OPTIONS) and all(v["on"] > 0 and v["off"] > 0 for v in results.values())
