@@ -172,7 +172,7 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
 
 def our_train_step(model: GPT, x: torch.Tensor, autocast) -> tuple[Callable[[], None], torch.optim.AdamW]:
     """One forward + backward + AdamW step of our model on the batch x, and its optimizer."""
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
+    (optimizer,) = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
 
     def step() -> None:
         with autocast():

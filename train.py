@@ -98,7 +98,10 @@ class TrainConfig:
     rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see model.py
     sliding_window: int | None = None  # attend to the W most recent positions only (Mistral)
     dropout: float = 0.0
-    # AdamW, with linear warmup then cosine decay to min_lr
+    # optimizer: AdamW, or Muon for the blocks' matrices and AdamW for the rest
+    optimizer: str = "adamw"  # 'adamw' or 'muon'
+    muon_lr: float = 0.02  # Muon's learning rate (AdamW's is learning_rate); the schedule scales both alike
+    muon_momentum: float = 0.95
     learning_rate: float = 6e-4
     max_iters: int = 600000
     weight_decay: float = 0.1
@@ -108,6 +111,8 @@ class TrainConfig:
     warmup_iters: int = 2000
     lr_decay_iters: int | None = None  # where the decay reaches min_lr; None = max_iters
     min_lr: float = 6e-5
+    lr_schedule: str = "cosine"  # after warmup: 'cosine' decay, or 'wsd' (constant, then a linear decay)
+    decay_frac: float = 0.2  # wsd: the last fraction of lr_decay_iters that decays linearly to min_lr
     # parallelism (under torchrun) and memory
     parallelism: str = (
         "ddp"  # 'ddp': every process holds the whole model; 'fsdp': shard it over the processes
@@ -150,6 +155,20 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
+    if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
+        raise ConfigError(
+            f"learning_rate and muon_lr must be positive, got {cfg.learning_rate}, {cfg.muon_lr}"
+        )
+    for key, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if not 0 < cfg.decay_frac <= 1:
+        raise ConfigError(f"decay_frac must be in (0, 1], got {cfg.decay_frac}")
+    if cfg.optimizer == "muon" and cfg.parallelism == "fsdp":
+        raise ConfigError(
+            "optimizer='muon' with parallelism='fsdp' is not supported: Muon orthogonalises each matrix, "
+            "and each process would orthogonalise only its shard; use ddp, or adamw"
+        )
     if cfg.parallelism not in ("ddp", "fsdp"):
         raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
     if cfg.parallelism == "fsdp" and world_size == 1:
@@ -400,7 +419,7 @@ class Run:
     raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
     model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
     train_model: torch.nn.Module  # model, in DDP when there are several processes: training calls this
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, or Muon and AdamW
     scaler: torch.amp.GradScaler  # active for float16 only
     metrics: MetricsLog
     stop_group: dist.ProcessGroup | None  # gloo group that agrees on stop signals
@@ -423,8 +442,13 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
     model, train_model = parallelize(raw_model, cfg, device, dtype)
-    optimizer = raw_model.configure_optimizers(  # after sharding: it updates this process's shards
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type
+    optimizers = raw_model.configure_optimizers(  # after sharding: they update this process's shards
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        device.type,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
+        muon_momentum=cfg.muon_momentum,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     resumed = cfg.init_from == "resume" and not cfg.eval_only
@@ -432,7 +456,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     if checkpoint is not None and (resumed or cfg.eval_only):
         iter_num = checkpoint["iter_num"]
     if resumed:
-        best_val_loss = restore_training_state(cfg, checkpoint, raw_model, optimizer, scaler)
+        best_val_loss = restore_training_state(cfg, checkpoint, raw_model, optimizers, scaler)
     del checkpoint  # the weights now live in the model and optimizer
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
     use_autocast = dtype != torch.float32 and cfg.parallelism != "fsdp"
@@ -445,7 +469,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         raw_model=raw_model,
         model=model,
         train_model=train_model,
-        optimizer=optimizer,
+        optimizers=optimizers,
         scaler=scaler,
         metrics=MetricsLog(cfg, keep_until=iter_num if resumed else math.inf if cfg.eval_only else None),
         lock=lock,
@@ -492,7 +516,7 @@ def restore_training_state(
     cfg: TrainConfig,
     checkpoint: dict,
     raw_model: GPT,
-    optimizer: torch.optim.Optimizer,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler,
 ) -> float:
     """Load what resuming continues besides the weights (optimizer and gradient-scaler state), whatever
@@ -502,12 +526,22 @@ def restore_training_state(
             f"the checkpoint in {cfg.out_dir} has no optimizer state to resume; "
             f"start from its weights: --init_from={cfg.out_dir}"
         )
+    saved = (checkpoint.get("config") or {}).get("optimizer", "adamw")
+    if saved != cfg.optimizer:
+        raise ConfigError(
+            f"the run in {cfg.out_dir} was trained with optimizer={saved!r}; resume it with that optimizer, "
+            f"or start a new run from its weights with optimizer={cfg.optimizer!r}: --init_from={cfg.out_dir}"
+        )
     if "optimizer" in checkpoint:  # ckpt.pt: whole tensors, which set_optimizer_state_dict shards if needed
         state, options = checkpoint["optimizer"], StateDictOptions(full_state_dict=True)
     else:  # a sharded checkpoint: every process reads the parts its own shards need
-        state, options = get_optimizer_state_dict(raw_model, optimizer), None
+        state, options = get_optimizer_state_dict(raw_model, optimizers), None
         load_sharded_state({"optimizer": state}, checkpoint["folder"])
-    set_optimizer_state_dict(raw_model, optimizer, state, options=options)
+    scales = [[group["lr_scale"] for group in optimizer.param_groups] for optimizer in optimizers]
+    set_optimizer_state_dict(raw_model, optimizers, state, options=options)
+    for optimizer, group_scales in zip(optimizers, scales):  # this run's muon_lr, not the saved one
+        for group, scale in zip(optimizer.param_groups, group_scales):
+            group["lr_scale"] = scale
     if scaler.is_enabled() and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["best_val_loss"]
@@ -632,12 +666,21 @@ def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> 
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """AdamW's learning rate at iteration it (Muon's is muon_lr / learning_rate times it): a linear
+    warmup to learning_rate, then to min_lr at lr_decay_iters by a cosine decay, or by 'wsd': constant
+    until the last decay_frac of lr_decay_iters, then a linear decay; then min_lr."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, decay_iters * (1 - cfg.decay_frac))
+        if it < decay_start:
+            return cfg.learning_rate
+        return cfg.learning_rate + (cfg.min_lr - cfg.learning_rate) * (it - decay_start) / (
+            decay_iters - decay_start
+        )
     progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -646,8 +689,8 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     """One iteration: this process's micro-steps of forward and backward, then one optimizer step.
     Returns the sum of its micro-step losses, left on the device (reading it waits for the device)."""
     cfg, rank = run.cfg, world()[0]
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
+        group["lr"] = lr * group["lr_scale"]
     loss_sum = torch.zeros((), device=run.device)
     for micro_step in range(run.local_steps):
         rng = np.random.default_rng(
@@ -665,11 +708,13 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
             run.scaler.scale(loss / run.local_steps).backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
+        for optimizer in run.optimizers:
+            run.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
-    run.scaler.step(run.optimizer)
+    for optimizer in run.optimizers:
+        run.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
     run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
     return loss_sum
 
 
@@ -721,12 +766,12 @@ def save(run: Run) -> None:
         "scaler": run.scaler.state_dict(),
     }
     if run.cfg.parallelism == "fsdp":
-        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizer)
+        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizers)
         save_sharded_checkpoint(
             {"model": model_state, "optimizer": optimizer_state}, meta, out_dir, run.iter_num
         )
     elif world()[0] == 0:
-        optimizer_state = get_optimizer_state_dict(run.raw_model, run.optimizer)  # keyed by parameter name
+        optimizer_state = get_optimizer_state_dict(run.raw_model, run.optimizers)  # keyed by parameter name
         save_checkpoint(
             {**meta, "model": run.raw_model.state_dict(), "optimizer": optimizer_state}, out_dir / CKPT_NAME
         )

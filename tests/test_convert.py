@@ -104,7 +104,7 @@ def train_and_save(
     config = GPTConfig(**{**shape, "rope_theta": 5000.0, "tie_embeddings": tie, **options})
     torch.manual_seed(0)
     model = GPT(config)
-    optimizer = model.configure_optimizers(
+    (optimizer,) = model.configure_optimizers(
         weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
     )
     successor = torch.randperm(vocab_size)
