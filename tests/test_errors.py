@@ -146,6 +146,21 @@ CASES = [
     Case("negative warmup", "train", lambda e: e.train("--warmup_iters=-1"), 2, "warmup_iters must not be"),
     Case("negative grad_clip", "train", lambda e: e.train("--grad_clip=-1.0"), 2, "grad_clip must not be"),
     Case("negative weight decay", "train", lambda e: e.train("--weight_decay=-0.1"), 2, "weight_decay must"),
+    Case("muon with fsdp", "train", lambda e: e.train("--optimizer=muon", "--parallelism=fsdp"), 2, "muon"),
+    Case("unknown optimizer", "train", lambda e: e.train("--optimizer=sgd"), 2, "optimizer must be one of"),
+    Case(
+        "zero muon_lr", "train", lambda e: e.train("--optimizer=muon", "--muon_lr=0.0"), 2, "must be positive"
+    ),
+    Case(
+        "decay_frac above 1",
+        "train",
+        lambda e: e.train("--lr_schedule=wsd", "--decay_frac=1.5"),
+        2,
+        "decay_frac",
+    ),
+    Case(
+        "unknown schedule", "train", lambda e: e.train("--lr_schedule=step"), 2, "lr_schedule must be one of"
+    ),
     Case("dropout of 1.5", "train", lambda e: e.train("--dropout=1.5"), 2, "dropout must be in [0, 1)"),
     Case("eval_iters 0", "train", lambda e: e.train("--eval_iters=0"), 2, "eval_iters must be at least 1"),
     Case("heads do not divide", "train", lambda e: e.train("--n_head=5"), 2, "bad model shape"),
