@@ -1,7 +1,9 @@
-"""Loss curves of a training run: python plot.py OUT_DIR [--out PNG]
+"""Loss curves of training runs: python plot.py OUT_DIR [OUT_DIR ...] [--x iter|time] [--out PNG]
 
-Reads OUT_DIR/metrics.jsonl as train.py writes it and draws the training loss of each logged
+Reads each OUT_DIR/metrics.jsonl as train.py writes it. One run: the training loss of each logged
 iteration, the train/val estimates of each evaluation and, if present, the final whole-val-split loss.
+Several runs: each run's val loss (and whole-split loss) in its own colour, so recipes compare at a
+glance, against iterations or, with --x time, against the wall time since each run started.
 Needs matplotlib (pip install matplotlib).
 """
 
@@ -10,35 +12,52 @@ import json
 import sys
 from pathlib import Path
 
+Point = tuple[int, float | None, float]  # (iteration, seconds since the run started, value)
 
-def read_series(path: Path) -> dict[str, dict[int, float]]:
-    """Every metric as {iter: value}. A resumed run appends iterations again; the later line wins."""
-    series: dict[str, dict[int, float]] = {}
+
+def read_series(path: Path) -> dict[str, list[Point]]:
+    """Every metric's points in file order. A resumed run drops the records it replays, so an
+    iteration appears once; a line cut short by a run still writing is skipped."""
+    series: dict[str, list[Point]] = {}
     skipped = 0
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # e.g. a line cut short by a run that is still writing
+        except json.JSONDecodeError:
             skipped += line.strip() != ""
             continue
         for key, value in record.items():
-            if key != "iter" and isinstance(value, (int, float)):
-                series.setdefault(key, {})[record["iter"]] = value
+            if key not in ("iter", "elapsed_s") and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((record["iter"], record.get("elapsed_s"), value))
     if skipped:
         print(f"warning: skipped {skipped} unreadable line(s) of {path}", file=sys.stderr)
     return series
+
+
+SINGLE_RUN_STYLES = [
+    ("loss", "train loss (batch)", dict(alpha=0.4, linewidth=1)),
+    ("train_loss", "train loss (eval)", dict(marker="o")),
+    ("val_loss", "val loss (eval)", dict(marker="o")),
+    ("val_loss_full", "val loss (whole split)", dict(marker="*", markersize=14, linestyle="")),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out_dir", help="a training run's out_dir, holding metrics.jsonl")
-    parser.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/loss.png)")
+    parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training runs' out_dirs")
+    parser.add_argument("--x", choices=["iter", "time"], default="iter", help="iterations or wall time")
+    parser.add_argument("--out", default=None, help="the PNG to write (default: FIRST_OUT_DIR/loss.png)")
     args = parser.parse_args(argv)
-    path = Path(args.out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        sys.exit(f"error: no {path}; train first (python train.py ... --out_dir={args.out_dir})")
+    runs = {}
+    for out_dir in args.out_dirs:
+        path = Path(out_dir) / "metrics.jsonl"
+        if not path.is_file():
+            sys.exit(f"error: no {path}; train first (python train.py ... --out_dir={out_dir})")
+        runs[out_dir] = read_series(path)
+        if not {"loss", "train_loss", "val_loss"} & runs[out_dir].keys():
+            sys.exit(f"error: {path} holds no loss values yet")
     try:
         import matplotlib
     except ImportError:
@@ -46,24 +65,30 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    series = read_series(path)
-    if not {"loss", "train_loss", "val_loss"} & series.keys():
-        sys.exit(f"error: {path} holds no loss values yet")
-    styles = [
-        ("loss", "train loss (batch)", dict(alpha=0.4, linewidth=1)),
-        ("train_loss", "train loss (eval)", dict(marker="o")),
-        ("val_loss", "val loss (eval)", dict(marker="o")),
-        ("val_loss_full", "val loss (whole split)", dict(marker="*", markersize=14, linestyle="")),
-    ]
+    def xy(points: list[Point]) -> tuple[list[float], list[float]]:
+        kept = [p for p in points if args.x == "iter" or p[1] is not None]  # older logs have no times
+        return [p[0] if args.x == "iter" else p[1] for p in kept], [p[2] for p in kept]
+
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, label, style in styles:
-        if key in series:
-            iters = sorted(series[key])
-            ax.plot(iters, [series[key][i] for i in iters], label=label, **style)
-    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats per token)", title=str(args.out_dir))
+    if len(runs) == 1:
+        (series,) = runs.values()
+        for key, label, style in SINGLE_RUN_STYLES:
+            if key in series:
+                ax.plot(*xy(series[key]), label=label, **style)
+    else:
+        for (name, series), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
+            ax.plot(*xy(series.get("loss", [])), color=color, alpha=0.25, linewidth=1)
+            ax.plot(*xy(series.get("val_loss", [])), color=color, marker="o", label=f"{name}: val loss")
+            if "val_loss_full" in series:
+                x, y = xy(series["val_loss_full"])
+                ax.plot(
+                    x, y, color=color, marker="*", markersize=14, linestyle="", label=f"{name}: whole split"
+                )
+    xlabel = "iteration" if args.x == "iter" else "wall time since the run started (s)"
+    ax.set(xlabel=xlabel, ylabel="cross-entropy loss (nats per token)", title=", ".join(runs))
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(args.out) if args.out else Path(args.out_dir) / "loss.png"
+    out = Path(args.out) if args.out else Path(args.out_dirs[0]) / "loss.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"wrote {out}")
 

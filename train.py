@@ -65,6 +65,7 @@ from runtime import (
 from tokenizer import tokenizer_entry
 
 REPO_DIR = Path(__file__).resolve().parent
+STARTED = time.time()  # metrics records carry the wall time since this process started
 
 
 @dataclass
@@ -380,6 +381,7 @@ class MetricsLog:
             )
 
     def write(self, record: dict) -> None:
+        record = {**record, "elapsed_s": round(time.time() - STARTED, 3)}
         if self.path is not None:
             line = (json.dumps(record) + "\n").encode()
             with self.path.open("ab", buffering=0) as f:  # unbuffered: one write call, or an error
@@ -392,7 +394,8 @@ class MetricsLog:
                     raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.wandb_run is not None:
             self.wandb_run.log(
-                {k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"]
+                {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
+                step=record["iter"],
             )
 
 

@@ -59,3 +59,16 @@ def test_bench_options_times_each_model_option_against_all_off(tmp_path, one_thr
     assert exit_info.value.code == 0
     results = json.loads(out.read_text())["option_tokens_per_s"]
     assert set(results) == set(bench.OPTIONS) and all(v["on"] > 0 and v["off"] > 0 for v in results.values())
+
+
+def test_plot_overlays_several_runs_against_wall_time(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, speed in (("a", 1.0), ("b", 2.0)):
+        records = [{"iter": i, "loss": 4 - i / 50, "elapsed_s": i / speed} for i in range(0, 100, 10)]
+        records += [{"iter": i, "val_loss": 4 - i / 60, "elapsed_s": i / speed} for i in (0, 50, 90)]
+        records.append({"iter": 90, "val_loss_full": 2.5, "elapsed_s": 95 / speed})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "both.png"
+    plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--x", "time", "--out", str(out)])
+    assert out.read_bytes().startswith(b"\x89PNG")
