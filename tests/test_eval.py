@@ -1,5 +1,6 @@
 """eval.py: bits per byte against hand computations, the multiple-choice scorer against direct
-per-choice sums, one process against two, the HellaSwag download, and bad input.
+per-choice sums, one process against two, the HellaSwag download, periodic task evaluation in
+train.py, and bad input.
 
 tiny_task.jsonl holds eight hand-made examples in Tiny Shakespeare's alphabet; one context is longer
 than the models' block_size. Tiny models, one thread (see test_train.py).
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import eval
-from checkpoint import CKPT_NAME, save_checkpoint
+import train
+from checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from runtime import UserError
 from tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_entry
@@ -312,6 +314,47 @@ def test_a_failed_hellaswag_download_says_how_to_work_offline(tmp_path, monkeypa
     assert not (tmp_path / "tasks" / "hellaswag_val.jsonl").exists()
 
 
+# --- periodic evaluation in train.py ----------------------------------------------------------------
+
+TINY_TRAIN = (
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--eval_iters=2",
+    "--eval_interval=3",
+    "--log_interval=1",
+    "--max_iters=6",
+    "--eval_full=False",
+    "--dropout=0.1",  # dropout draws random numbers: evaluation must not move them
+    "--always_save_checkpoint=True",
+)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_periodic_task_evaluation_is_logged_and_leaves_training_unchanged(char_data, tmp_path):
+    runs = {"off": [], "on": [f"--eval_tasks={TASK}", "--eval_task_examples=5"]}
+    for name, flags in runs.items():
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([f"--out_dir={tmp_path / name}", f"--data_dir={char_data}", *TINY_TRAIN, *flags])
+        assert exit_info.value.code == 0
+    off, on = metrics(tmp_path / "off"), metrics(tmp_path / "on")
+    drop = ("tiny_task/acc", "tiny_task/acc_norm", "ms_per_iter", "tokens_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in on] == [
+        {k: v for k, v in r.items() if k not in drop} for r in off
+    ]
+    scored = [r for r in on if "tiny_task/acc" in r]
+    assert [r["iter"] for r in scored] == [0, 3, 6] and all("val_loss" in r for r in scored)
+    assert all(r["tiny_task/acc"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) for r in scored)  # of 5 examples
+    a, b = (load_checkpoint(tmp_path / name / CKPT_NAME)["model"] for name in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 BAD_TASK_FILES = [
@@ -360,3 +403,10 @@ def test_bad_flags_and_missing_files_are_one_line_with_the_policy_exit_code(
     assert run_eval(f"--out_dir={overfit_run}", *flags) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_train_refuses_an_unknown_eval_task_before_it_starts(char_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={tmp_path}", f"--data_dir={char_data}", "--eval_tasks=hellaswag,pica"])
+    assert exit_info.value.code == 2
+    assert "unknown task 'pica'" in capsys.readouterr().err
