@@ -223,12 +223,15 @@ def continuation_logprobs(
     autocast: AbstractContextManager | None = None,
 ) -> list[float]:
     """Sum of the log-probabilities of each row's continuation given its context, for rows of
-    (context ids, continuation ids); batch_size rows per forward pass, padded on the right (causal
-    attention: padding never changes the positions before it)."""
+    (context ids, continuation ids). Longest rows first, batch_size to a forward pass, so that a batch
+    holds rows of similar length; each is padded on the right to the longest (causal attention: the
+    padding never changes the positions before it)."""
     block_size = model.config.block_size
-    sums = []
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
+    sums = [0.0] * len(rows)
     for first in range(0, len(rows), batch_size):
-        batch = rows[first : first + batch_size]
+        indices = order[first : first + batch_size]
+        batch = [rows[i] for i in indices]
         windows = [(context + continuation)[-(block_size + 1) :] for context, continuation in batch]
         T = max(len(window) for window in windows) - 1
         x = torch.zeros((len(batch), T), dtype=torch.long)
@@ -242,7 +245,8 @@ def continuation_logprobs(
             logits, _ = model(x, y)  # (B, T, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up; a float64 model stays
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
-        sums += (-nll.view(len(batch), T).sum(dim=1)).tolist()
+        for i, row_sum in zip(indices, (-nll.view(len(batch), T).sum(dim=1)).tolist()):
+            sums[i] = row_sum
     return sums
 
 
@@ -254,8 +258,8 @@ def choice_scores(
     device: torch.device,
     autocast: AbstractContextManager | None = None,
 ) -> list[list[float]]:
-    """Each example's per-choice sums of continuation log-probabilities. The choices of consecutive
-    examples fill batches together."""
+    """Each example's per-choice sums of continuation log-probabilities; the choices of all examples
+    are batched together."""
     block_size = model.config.block_size
     rows = []
     for example in examples:
