@@ -62,7 +62,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate the model init_from gives, then exit
     eval_full: bool = True  # after training (and with eval_only) also the loss over every val token once
     eval_tasks: str = ""  # eval.py's multiple-choice tasks to score at each evaluation, e.g. 'hellaswag'
-    eval_task_examples: int = 200  # the first N examples of each of eval_tasks (the same ones every time)
+    eval_task_examples: int = 100  # the first N examples of each of eval_tasks (the same ones every time)
     log_interval: int = 10  # iterations between log lines: the only points the host waits for the device
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
     wandb_log: bool = False
