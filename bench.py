@@ -354,11 +354,11 @@ def print_table(r: dict, preset: Preset) -> None:
     print("\nours, multiple-choice scoring (eval.py), 4 choices per example, random tokens")
     print(f"{'':<44} {'batched 32':>12} {'one by one':>12} {'ratio':>9}")
     for key, name in (
-        ("choice_examples_per_s", f"preset {r['preset']}"),
-        ("choice_examples_per_s_shakespeare", "Shakespeare char model"),
+        ("choice_examples_per_s", r["preset"]),
+        ("choice_examples_per_s_shakespeare", "Shakespeare"),
     ):
         rows = r[key]["row_tokens"]
-        row(f"examples/s, {name}, {rows}-token rows", *pair(key, "batched", "one_at_a_time"), fmt="{:,.1f}")
+        row(f"examples/s, {name} ({rows}-token rows)", *pair(key, "batched", "one_at_a_time"), fmt="{:,.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
