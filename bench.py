@@ -8,8 +8,9 @@ alike; on a busy machine the ratios are the figures to trust, not the absolute n
 Measures: training tokens/s (forward + backward + AdamW) and MFU, here the utilisation of the
 device's matmul peak measured in the same run (train.py's MFU uses a GPU's datasheet peak instead);
 greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same tokens;
-peak memory of a training step; and our generation with the KV cache against ours without it
-(a full re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model.
+peak memory of a training step; our generation with the KV cache against ours without it (a full
+re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model; and
+eval.py's multiple-choice scoring, batched against one choice at a time, on both models.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import parse_config
+from eval import continuation_logprobs
 from model import GPT, GPTConfig, sample_next_token
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
 from train import TrainConfig, model_config
@@ -49,6 +51,7 @@ class Preset:
     no_cache_tokens: int  # new tokens for the KV cache vs no cache comparison
     no_cache_repeats: int  # its gap is several-fold: fewer repeats do
     matmul_size: int  # n of the n x n x n matmul that measures the peak FLOP/s
+    choice_examples: int  # multiple-choice scoring: random examples of 4 choices, scored twice
 
 
 PRESETS = {
@@ -63,6 +66,7 @@ PRESETS = {
         no_cache_tokens=8,
         no_cache_repeats=1,
         matmul_size=256,
+        choice_examples=2,
     ),
     "small": Preset(  # about a minute on a 2-core CPU
         dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
@@ -75,6 +79,7 @@ PRESETS = {
         no_cache_tokens=500,
         no_cache_repeats=1,
         matmul_size=2048,
+        choice_examples=32,
     ),
 }
 
@@ -355,6 +360,27 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
     return results
 
 
+def bench_multiple_choice(
+    model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, autocast
+) -> dict:
+    """eval.py's multiple-choice scorer in examples/s, choices batched 32 to a forward pass against
+    one choice per pass, on random examples of 4 choices, cut to the model's block_size as the scorer
+    cuts them. All rows are equally long, so the batches carry no padding."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def random_ids(n: int) -> list[int]:
+        return torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist()
+
+    rows = [(random_ids(context_len), random_ids(choice_len)) for _ in range(4 * n_examples)]
+    continuation_logprobs(model, rows[:4], 4, device, autocast())  # warm-up
+    results = {"row_tokens": min(context_len + choice_len, model.config.block_size + 1)}
+    for name, batch_size in (("batched", 32), ("one_at_a_time", 1)):
+        seconds = timed(lambda: continuation_logprobs(model, rows, batch_size, device, autocast()), device)
+        results[name] = n_examples / seconds
+    return results
+
+
 def print_table(r: dict, preset: Preset) -> None:
     def row(name: str, ours: float | None, peer: float | None, fmt: str = "{:,.0f}") -> None:
         cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
@@ -391,6 +417,14 @@ def print_table(r: dict, preset: Preset) -> None:
             f"decode tokens/s batch {batch}",
             *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"),
         )
+    print("\nours, multiple-choice scoring (eval.py), 4 choices per example, random tokens")
+    print(f"{'':<44} {'batched 32':>12} {'one by one':>12} {'ratio':>9}")
+    for key, name in (
+        ("choice_examples_per_s", r["preset"]),
+        ("choice_examples_per_s_shakespeare", "Shakespeare"),
+    ):
+        rows = r[key]["row_tokens"]
+        row(f"examples/s, {name} ({rows}-token rows)", *pair(key, "batched", "one_at_a_time"), fmt="{:,.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,7 +490,15 @@ def bench(argv: list[str] | None) -> None:
         results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
         results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
         results.update(bench_generation(model, preset, device, autocast))
-        results.update(bench_kv_cache(shakespeare_model(args.out_dir, device), preset, device, autocast))
+        shakespeare = shakespeare_model(args.out_dir, device)
+        results.update(bench_kv_cache(shakespeare, preset, device, autocast))
+        # HellaSwag's rough size (an assumption: the set cannot be downloaded here): 64 + 32 GPT-2 tokens;
+        # in characters, 256 + 96, which the Shakespeare model's 128-token context cuts to its last 129.
+        n = preset.choice_examples
+        results["choice_examples_per_s"] = bench_multiple_choice(model, n, 64, 32, device, autocast)
+        results["choice_examples_per_s_shakespeare"] = bench_multiple_choice(
+            shakespeare, n, 256, 96, device, autocast
+        )
         print_table(results, preset)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -77,7 +77,10 @@ class CharTokenizer(Tokenizer):
         any_char = tokenizers.Regex(r"[\s\S]")
         backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(any_char, behavior="isolated")
         backend.decoder = tokenizers.decoders.Fuse()
-        write_hf_tokenizer(directory, backend)
+        # An end-of-text token just past the characters: tools such as lm-eval need one to exist; it is
+        # special, so no text encodes to it, and the model never sees its id.
+        backend.add_special_tokens(["<|endoftext|>"])
+        write_hf_tokenizer(directory, backend, {"eos_token": "<|endoftext|>"})
 
 
 class TiktokenTokenizer(Tokenizer):

@@ -50,6 +50,7 @@ from checkpoint import (
     save_sharded_checkpoint,
 )
 from configurator import parse_config
+from eval import task_names, task_scores
 from model import GPT, GPTConfig
 from runtime import (
     ConfigError,
@@ -62,7 +63,7 @@ from runtime import (
     print0,
     world,
 )
-from tokenizer import tokenizer_entry
+from tokenizer import get_tokenizer, tokenizer_entry
 
 REPO_DIR = Path(__file__).resolve().parent
 STARTED = time.time()  # metrics records carry the wall time since this process started
@@ -77,6 +78,8 @@ class TrainConfig:
     eval_iters: int = 100  # batches per split in each evaluation (the same batches every time)
     eval_only: bool = False  # evaluate the model init_from gives, then exit
     eval_full: bool = True  # after training (and with eval_only) also the loss over every val token once
+    eval_tasks: str = ""  # eval.py's multiple-choice tasks to score at each evaluation, e.g. 'hellaswag'
+    eval_task_examples: int = 100  # the first N examples of each of eval_tasks (the same ones every time)
     log_interval: int = 10  # iterations between log lines: the only points the host waits for the device
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val loss improves
     wandb_log: bool = False
@@ -137,7 +140,14 @@ _stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Values no run can use, refused before any work (exit code 2)."""
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+    for key in (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "eval_interval",
+        "eval_iters",
+        "eval_task_examples",
+        "log_interval",
+    ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     for key in (
@@ -154,6 +164,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for key in ("beta1", "beta2", "dropout"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
@@ -813,11 +824,18 @@ def estimate_loss(run: Run) -> dict[str, float]:
 def evaluate(run: Run) -> float | None:
     """Estimate, print and log the train and val losses; returns the val loss, which must be finite,
     or None if a stop signal on any process cut the evaluation short."""
-    losses = estimate_loss(run)
+    cfg, losses, scores = run.cfg, estimate_loss(run), {}
+    if cfg.eval_tasks:  # the raw model: every batch of choices has its own length, too many to compile
+        tokenizer, examples = get_tokenizer(run.meta), cfg.eval_task_examples
+        args = (cfg.eval_tasks, examples, cfg.batch_size, run.device, run.autocast)
+        scores = task_scores(run.raw_model, tokenizer, *args)
     if agreed_stop_signal(run.stop_group):
         return None
-    print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    run.metrics.write({"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
+    shown = "".join(f", {name} {value:.4f}" for name, value in scores.items())
+    print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{shown}")
+    run.metrics.write(
+        {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores}
+    )
     check_finite(losses["val"], "the val loss", run.iter_num)
     return losses["val"]
 

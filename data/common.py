@@ -118,7 +118,9 @@ def add_text_input_args(parser: argparse.ArgumentParser, default_out_dir: Path) 
     )
 
 
-def download(url: str, dest: Path) -> None:
+def download(
+    url: str, dest: Path, offline_hint: str = "or pass --input PATH to a local copy of the text"
+) -> None:
     """Fetch url into dest; dest appears only once complete."""
     print(f"downloading {url}")
     try:
@@ -127,8 +129,7 @@ def download(url: str, dest: Path) -> None:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(
-            f"could not download {url} ({reason}): connect to the network and re-run, "
-            "or pass --input PATH to a local copy of the text"
+            f"could not download {url} ({reason}): connect to the network and re-run, {offline_hint}"
         ) from e
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, lambda f: f.write(data))

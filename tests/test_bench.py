@@ -29,6 +29,8 @@ def test_bench_tiny_preset_writes_every_figure_to_json(tmp_path, capsys, one_thr
         assert set(results[key]) == {"ours", "peer"} and all(v > 0 for v in results[key].values())
     for key in ("kv_cache_tokens_per_s_batch1", "kv_cache_tokens_per_s_batch8"):
         assert set(results[key]) == {"cache", "no_cache"} and all(v > 0 for v in results[key].values())
+    for key in ("choice_examples_per_s", "choice_examples_per_s_shakespeare"):
+        assert results[key]["batched"] > 0 and results[key]["one_at_a_time"] > 0
     assert results["peak_flops"] > 0
     assert results["greedy_tokens_identical_batch1"] and results["greedy_tokens_identical_batch8"]
     assert "transformers" in capsys.readouterr().out  # the table was printed
