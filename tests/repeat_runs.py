@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from stress_kill import REPO, prepared_data  # the script beside this one
+
 TINY = ("--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2")
 TINY += ("--gradient_accumulation_steps=2", "--max_iters=3", "--eval_interval=2", "--eval_full=True")
 
@@ -28,16 +29,7 @@ def main() -> None:
     parser.add_argument("--data_dir", type=Path, default=None, help="a prepared character-level data set")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="repeat_runs_"))
-    if args.data_dir is None:
-        args.data_dir = work / "data"
-        source = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-        prepare = [
-            sys.executable,
-            str(REPO / "data/shakespeare_char/prepare.py"),
-            "--out_dir",
-            str(args.data_dir),
-        ]
-        subprocess.run([*prepare, "--input", str(source)], check=True, capture_output=True)
+    args.data_dir = args.data_dir or prepared_data(work)
     failures = 0
     for i in range(args.runs):
         launcher = [

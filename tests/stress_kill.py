@@ -46,6 +46,19 @@ def command(args: argparse.Namespace, out_dir: Path, *flags: str) -> list[str]:
     ]
 
 
+def prepared_data(work: Path) -> Path:
+    """Tiny Shakespeare from ../shared, prepared at character level into work/data."""
+    source = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    prepare = [
+        sys.executable,
+        str(REPO / "data/shakespeare_char/prepare.py"),
+        "--out_dir",
+        str(work / "data"),
+    ]
+    subprocess.run([*prepare, "--input", str(source)], check=True, capture_output=True)
+    return work / "data"
+
+
 def logged_iterations(out_dir: Path) -> int:
     path = out_dir / "metrics.jsonl"
     return path.read_text().count('"loss"') if path.is_file() else 0
@@ -61,16 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     work = Path(tempfile.mkdtemp(prefix="stress_kill_"))
-    if args.data_dir is None:
-        args.data_dir = work / "data"
-        source = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-        prepare = [
-            sys.executable,
-            str(REPO / "data/shakespeare_char/prepare.py"),
-            "--out_dir",
-            str(args.data_dir),
-        ]
-        subprocess.run([*prepare, "--input", str(source)], check=True, capture_output=True)
+    args.data_dir = args.data_dir or prepared_data(work)
     out_dir = work / "out"
     corrupt = failed_resumes = 0
     for kill in range(args.kills):
