@@ -14,6 +14,10 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 
 sys.path.insert(0, str(REPO_ROOT))  # tests import model.py, train.py, ... from the repo root
 
+import torch  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
@@ -46,3 +50,16 @@ def char_data(shakespeare_input, tmp_path_factory) -> Path:
         capture_output=True,
     )
     return out
+
+
+def random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    """A random model in eval mode whose norm gains and biases are random too."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():  # norm gains of one and zero biases would hide a mix-up
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    return model

@@ -14,6 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from conftest import random_model  # noqa: E402
+
 import convert  # noqa: E402  (after the skips: convert.py imports safetensors)
 from checkpoint import (  # noqa: E402
     CKPT_NAME,
@@ -396,18 +398,6 @@ def their_config(family: str, config: GPTConfig, **overrides):
     return getattr(transformers, CONFIG_CLASSES[family])(**{**kwargs, **overrides})
 
 
-def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():  # gains of one and zero biases would hide a mix-up
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    return model
-
-
 def theirs_holding(model: GPT, family: str):
     """transformers' model of the family, holding our weights (mapped by convert.weight_layout)."""
     theirs = transformers.AutoModelForCausalLM.from_config(their_config(family, model.config)).eval()
@@ -421,7 +411,7 @@ def theirs_holding(model: GPT, family: str):
 
 @pytest.mark.parametrize("family, options", FAMILY_CASES, ids=FAMILY_IDS)
 def test_family_logits_match_transformers_and_import_export_reproduce_every_tensor(tmp_path, family, options):
-    ours = random_gpt(our_config(**options))
+    ours = random_model(our_config(**options))
     theirs = theirs_holding(ours, family)
     idx = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():

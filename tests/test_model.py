@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import random_model
 
 from bench import generate_without_cache
 from model import GPT, GPTConfig, KVCache, filter_logits, rope_tables, sample_next_token
@@ -13,18 +14,6 @@ def tiny_config(**overrides) -> GPTConfig:
     args = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     args.update(overrides)
     return GPTConfig(**args)
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():  # norm gains of one and zero biases would hide a mix-up
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    return model
 
 
 # Every option on: QK-norm, q/k/v biases, Llama 3 RoPE scaling, a window shorter than the sequences
