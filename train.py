@@ -101,6 +101,7 @@ class TrainConfig:
     attn_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", ...}; see model.py
     sliding_window: int | None = None  # attend to the W most recent positions only (Mistral)
+    tie_embeddings: bool = True  # the LM head shares the token embedding's weights (GPT-2, small Llamas)
     dropout: float = 0.0
     # optimizer: AdamW, or Muon for the blocks' matrices and AdamW for the rest
     optimizer: str = "adamw"  # 'adamw' or 'muon'
@@ -132,7 +133,7 @@ class TrainConfig:
 # TrainConfig keys that are also GPTConfig fields: the model's shape and options.
 SHAPE_KEYS = (
     *("block_size", "n_layer", "n_head", "n_kv_head", "n_embd"),
-    *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window"),
+    *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window", "tie_embeddings"),
 )
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
 _stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops after this iteration
@@ -336,8 +337,8 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
     shape keys set to the model's. Resuming needs the run's own shape keys; any other load takes the
     checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice.
-    What TrainConfig does not set (MLP width, norm epsilon, RoPE theta, tied head) always comes from
-    the checkpoint."""
+    What TrainConfig does not set (MLP width, norm epsilon, RoPE theta) always comes from the
+    checkpoint."""
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
         return GPT(wanted), None, cfg
