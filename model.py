@@ -226,7 +226,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, zero_init_out_proj: bool = False):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
@@ -243,10 +243,12 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
         self.apply(self._init_weights)
-        # GPT-2: shrink the projections that add into the residual stream, one pair per layer.
+        # GPT-2: shrink the projections that add into the residual stream, one pair per layer. Or, as
+        # the speed runs do, start them at zero: each block begins as the identity.
+        out_proj_std = 0.0 if zero_init_out_proj else 0.02 / math.sqrt(2 * config.n_layer)
         for block in self.layers:
             for proj in (block.attn.wo, block.mlp.down):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(proj.weight, mean=0.0, std=out_proj_std)
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -310,6 +312,7 @@ class GPT(nn.Module):
         device_type: str,
         muon_lr: float | None = None,
         muon_momentum: float = 0.95,
+        muon_ns_steps: int = 5,
     ) -> list[torch.optim.Optimizer]:
         """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains or biases.
         With muon_lr: Muon (no weight decay) for the 2-D matrices inside the blocks - the attention and
@@ -347,7 +350,10 @@ class GPT(nn.Module):
                 }
                 for parts in dict.fromkeys(parts_of.get(id(p)) for p in muon_params)
             ]
-            optimizers.insert(0, Muon(muon_groups, lr=muon_lr, weight_decay=0.0, momentum=muon_momentum))
+            muon = Muon(
+                muon_groups, lr=muon_lr, weight_decay=0.0, momentum=muon_momentum, ns_steps=muon_ns_steps
+            )
+            optimizers.insert(0, muon)
         return optimizers
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -103,10 +103,12 @@ class TrainConfig:
     sliding_window: int | None = None  # attend to the W most recent positions only (Mistral)
     tie_embeddings: bool = True  # the LM head shares the token embedding's weights (GPT-2, small Llamas)
     dropout: float = 0.0
+    zero_init_out_proj: bool = False  # start attention's and the MLP's output projections at zero
     # optimizer: AdamW, or Muon for the blocks' matrices and AdamW for the rest
     optimizer: str = "adamw"  # 'adamw' or 'muon'
     muon_lr: float = 0.02  # Muon's learning rate (AdamW's is learning_rate); the schedule scales both alike
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each Muon update
     learning_rate: float = 6e-4
     max_iters: int = 600000
     weight_decay: float = 0.1
@@ -147,6 +149,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         "eval_interval",
         "eval_iters",
         "eval_task_examples",
+        "muon_ns_steps",
         "log_interval",
     ):
         if getattr(cfg, key) < 1:
@@ -162,7 +165,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     ):
         if (getattr(cfg, key) or 0) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    for key in ("beta1", "beta2", "dropout"):
+    for key in ("beta1", "beta2", "dropout", "muon_momentum"):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
@@ -341,7 +344,7 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     checkpoint."""
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
-        return GPT(wanted), None, cfg
+        return GPT(wanted, cfg.zero_init_out_proj), None, cfg
     path = Path(cfg.out_dir) if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
         raise UserError(
@@ -464,6 +467,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         device.type,
         muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
         muon_momentum=cfg.muon_momentum,
+        muon_ns_steps=cfg.muon_ns_steps,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     resumed = cfg.init_from == "resume" and not cfg.eval_only
@@ -606,19 +610,28 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
     )
-    print0(memory_per_process(run.raw_model, cfg.parallelism if world_size > 1 else "one process"))
+    print0(memory_per_process(run, cfg.parallelism if world_size > 1 else "one process"))
     if run.resumed:
         print0(f"resumed from iter {run.iter_num} of the checkpoint in {cfg.out_dir}")
 
 
-def memory_per_process(raw_model: GPT, layout: str) -> str:
-    """What this process holds of the parameters, their gradients and AdamW's two moments (as many
-    values each, float32): under fsdp its shards, else everything."""
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in raw_model.parameters()]
-    mib = sum(p.numel() * p.element_size() for p in local) / 2**20
+def memory_per_process(run: Run, layout: str) -> str:
+    """What this process holds of the parameters, their gradients and the optimizers' state (AdamW: two
+    moments, Muon: one momentum; as many values each as their parameters): under fsdp its shards."""
+
+    def mib(params) -> float:
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        return sum(p.numel() * p.element_size() for p in local) / 2**20
+
+    weights = mib(run.raw_model.parameters())
+    state = sum(
+        (2 if isinstance(optimizer, torch.optim.AdamW) else 1)
+        * mib(p for g in optimizer.param_groups for p in g["params"])
+        for optimizer in run.optimizers
+    )
     return (
-        f"memory per process ({layout}): parameters {mib:.4g} MiB, gradients {mib:.4g} MiB, "
-        f"AdamW state {2 * mib:.4g} MiB, {4 * mib:.4g} MiB in all"
+        f"memory per process ({layout}): parameters {weights:.4g} MiB, gradients {weights:.4g} MiB, "
+        f"optimizer state {state:.4g} MiB, {2 * weights + state:.4g} MiB in all"
     )
 
 

@@ -152,6 +152,20 @@ CASES = [
         "zero muon_lr", "train", lambda e: e.train("--optimizer=muon", "--muon_lr=0.0"), 2, "must be positive"
     ),
     Case(
+        "muon momentum of 1",
+        "train",
+        lambda e: e.train("--muon_momentum=1.0"),
+        2,
+        "muon_momentum must be in [0, 1)",
+    ),
+    Case(
+        "zero Newton-Schulz steps",
+        "train",
+        lambda e: e.train("--muon_ns_steps=0"),
+        2,
+        "muon_ns_steps must be at least 1",
+    ),
+    Case(
         "decay_frac above 1",
         "train",
         lambda e: e.train("--lr_schedule=wsd", "--decay_frac=1.5"),

@@ -595,6 +595,17 @@ def test_newton_schulz_brings_every_singular_value_near_one():
         assert singular_values.min() > 0.5 and singular_values.max() < 1.5, singular_values
 
 
+def test_zero_init_out_proj_zeroes_the_output_projections_and_keeps_every_other_weight():
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False)
+    torch.manual_seed(0)
+    default = GPT(config).state_dict()
+    torch.manual_seed(0)
+    zeroed = GPT(config, zero_init_out_proj=True).state_dict()
+    for name, tensor in zeroed.items():
+        is_out_proj = name.endswith(("attn.wo.weight", "mlp.down.weight"))
+        assert torch.equal(tensor, torch.zeros_like(tensor) if is_out_proj else default[name]), name
+
+
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_schedule="wsd")
     lrs = [train.get_lr(it, cfg) for it in range(120)]
