@@ -86,17 +86,21 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.slots = torch.arange(length, device=device)
 
-    def store(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v (B, n_kv_head, T, head_dim) of positions (T,) to their slots, in place; of a
-        prefill longer than the cache, only the last `length` positions are kept."""
+    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slots of positions (T,), of the last `length` of them: a prefill longer than the cache
+        keeps only those."""
+        return positions[-self.length :] % self.length
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the last len(slots) keys and values of k, v (B, n_kv_head, T, head_dim) to their slots,
+        in place."""
         if self.k[layer] is None:  # allocated on first use, so it takes the dtype autocast gave k and v
             B, n_kv_head, _, head_dim = k.shape
             self.k[layer] = k.new_zeros(B, n_kv_head, self.length, head_dim)
             self.v[layer] = v.new_zeros(B, n_kv_head, self.length, head_dim)
-        keep = min(k.size(2), self.length)
-        slots = positions[-keep:] % self.length
-        self.k[layer].index_copy_(2, slots, k[:, :, -keep:])
-        self.v[layer].index_copy_(2, slots, v[:, :, -keep:])
+        kept = -slots.size(0)
+        self.k[layer].index_copy_(2, slots, k[:, :, kept:])
+        self.v[layer].index_copy_(2, slots, v[:, :, kept:])
 
     def mask(self, pos: torch.Tensor) -> torch.Tensor:
         """(1, length): True at the slots a token at position pos (a (1,) tensor) attends to, those
@@ -177,8 +181,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, positions=None):
-        """positions (T,) of x's tokens are where a cache stores their keys and values."""
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
+        """With a cache, the keys and values of x's tokens are stored in its slots (see KVCache.slots_of)."""
         B, T, _ = x.shape
         n_qk = self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
@@ -192,7 +196,7 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
-            cache.store(self.layer_idx, positions, k, v)
+            cache.store(self.layer_idx, slots, k, v)
             if T == 1:  # a decoded token attends to the whole cache, under the cache's mask
                 k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, n_kv_head, length, head_dim)
         # Causal for T > 1 (training, or a prefill from position 0) unless a sliding-window mask is given;
@@ -232,8 +236,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, positions=None):
-        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, positions)
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
+        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -298,8 +302,10 @@ class GPT(nn.Module):
         positions = torch.arange(T, device=idx.device) if pos is None else pos  # (T,)
         rope_cos = self.rope_cos[positions, None]  # (T, 1, head_dim): broadcast over heads
         rope_sin = self.rope_sin[positions, None]
-        mask = None
+        mask, slots = None, None
         W = self.config.sliding_window
+        if cache is not None:  # computed once here rather than in every layer: a decode step is short
+            slots = cache.slots_of(positions)
         if cache is not None and T == 1:  # one token attends to the cache's slots written so far
             mask = cache.mask(positions)  # (1, cache length)
         elif W is not None and T > W:  # T <= W is plain causal attention
@@ -311,7 +317,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
                 x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
             else:
-                x = block(x, rope_cos, rope_sin, mask, cache, positions)
+                x = block(x, rope_cos, rope_sin, mask, cache, slots)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
