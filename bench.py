@@ -7,16 +7,19 @@ alike; on a busy machine the ratios are the figures to trust, not the absolute n
 
 Measures: training tokens/s (forward + backward + AdamW) and MFU, here the utilisation of the
 device's matmul peak measured in the same run (train.py's MFU uses a GPU's datasheet peak instead);
-greedy generation tokens/s at batch 1 and 8 with a check that both models produce the same tokens;
-peak memory of a training step; our generation with the KV cache against ours without it (a full
-re-forward of the context per token, as nanoGPT samples) on the README's Shakespeare model; and
-eval.py's multiple-choice scoring, batched against one choice at a time, on both models.
+greedy generation at batch 1 and 8, ours with the decode step compiled and eager: tokens/s, the
+share of the memory-bandwidth bound (from a matrix-vector read rate measured in the same run), time
+to first token and compile time, with a check that all produce the same tokens; peak memory of a
+training step; on the README's Shakespeare model, our generation compiled, eager, and without a KV
+cache (a full re-forward of the context per token, as nanoGPT samples), and the tokens that repay
+the compile; and eval.py's multiple-choice scoring, batched against one choice at a time.
 """
 
 import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,6 +36,7 @@ from configurator import parse_config
 from eval import continuation_logprobs
 from model import GPT, GPTConfig, sample_next_token
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
+from sample import COMPILE_MIN_TOKENS, compile_decode_step
 from train import TrainConfig, model_config
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -119,22 +123,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def median_times(
-    ours: Callable, peer: Callable, repeats: int, device: torch.device, warm_up: bool = False
-) -> tuple[float, float]:
-    """Median seconds of ours() and peer(). Calls alternate, and so does who goes first, so that load
-    from other processes and cache warmth fall on both alike."""
+    fns: list[Callable], repeats: int, device: torch.device, warm_up: bool = False
+) -> list[float]:
+    """Median seconds of each of fns. Calls alternate, and who goes first rotates, so that load from
+    other processes and cache warmth fall on all alike."""
     if warm_up:
-        ours()
-        peer()
-    times_ours, times_peer = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats):
-        if i % 2:
-            times_peer.append(timed(peer, device))
-            times_ours.append(timed(ours, device))
-        else:
-            times_ours.append(timed(ours, device))
-            times_peer.append(timed(peer, device))
-    return statistics.median(times_ours), statistics.median(times_peer)
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
+            times[k].append(timed(fns[k], device))
+    return [statistics.median(t) for t in times]
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
@@ -241,7 +242,7 @@ def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, p
     peer = to_peer(model).train()
     step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
     # The warm-up step creates AdamW's state.
-    dt_ours, dt_peer = median_times(step_ours, step_peer, preset.train_steps, device, warm_up=True)
+    dt_ours, dt_peer = median_times([step_ours, step_peer], preset.train_steps, device, warm_up=True)
     tokens = preset.batch_size * preset.seq_len
     flops = model.flops_per_token(preset.seq_len) * tokens  # the same count for both: same architecture
     return {
@@ -263,7 +264,7 @@ def bench_activation_checkpointing(model: GPT, step: Callable, preset: Preset, d
         step()
         model.activation_checkpointing = False
 
-    dt_off, dt_on = median_times(step, checkpointed_step, preset.train_steps, device)
+    dt_off, dt_on = median_times([step, checkpointed_step], preset.train_steps, device)
     tokens = preset.batch_size * preset.seq_len
     return {
         "checkpointing_tokens_per_s": {"off": tokens / dt_off, "on": tokens / dt_on},
@@ -293,7 +294,7 @@ def bench_options(preset: Preset, device: torch.device, autocast) -> dict:
             torch.manual_seed(0)
             model = GPT(GPTConfig(**preset.model, **overrides)).to(device).train()
             steps.append(our_train_step(model, random_batch(preset, device), autocast)[0])
-        dt_off, dt_on = median_times(*steps, preset.train_steps, device, warm_up=True)
+        dt_off, dt_on = median_times(steps, preset.train_steps, device, warm_up=True)
         results[name] = {"off": tokens / dt_off, "on": tokens / dt_on}
         print(
             f"{name:<16} on {tokens / dt_on:>10,.0f} tokens/s, off {tokens / dt_off:>10,.0f}: "
@@ -302,61 +303,130 @@ def bench_options(preset: Preset, device: torch.device, autocast) -> dict:
     return results
 
 
+def measure_read_rate(weights: list[torch.Tensor]) -> float:
+    """Bytes/s that matrix-vector products read from weights, one product per weight in turn (best of 5
+    after a warm-up): memory bandwidth, measured in the run rather than looked up."""
+    vectors = [torch.randn(w.size(1), device=w.device, dtype=w.dtype) for w in weights]
+
+    def read_all() -> None:
+        with torch.no_grad():
+            for weight, vector in zip(weights, vectors):
+                weight @ vector
+
+    read_all()
+    return sum(w.nbytes for w in weights) / min(timed(read_all, weights[0].device) for _ in range(5))
+
+
 def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
-    """Greedy generation tokens/s at batch 1 and 8, each model with its own KV cache, and whether both
-    produced the same tokens. Tokens/s counts new tokens over the whole call, prefill included."""
+    """Greedy generation at batch 1 and 8, ours with the decode step compiled and eager against
+    transformers' generate, each model with its own KV cache: tokens/s (new tokens over the whole call,
+    prefill included), time to first token, our compile time, whether all three gave the same tokens,
+    and the bound memory bandwidth puts on tokens/s: every step reads every matrix once, so at most
+    batch x (read rate) / (matrix bytes) tokens/s, the read rate that of one float32 matrix-vector
+    product over a matrix as large as all of the model's. The model's own matrices, one product each,
+    read slower (smaller matrices): their rate is reported too, the ceiling of the matmuls alone."""
     model.eval()
     peer = to_peer(model).eval()
-    results = {}
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]  # read every step
+    weight_bytes = sum(w.nbytes for w in matrices)
+    n = math.isqrt(weight_bytes // 4)
+    one_matrix = [torch.randn(n, n, device=device)]
+    results: dict = {"weight_bytes_per_step": weight_bytes}
     for batch in (1, 8):
         prompt = torch.randint(0, model.config.vocab_size, (batch, preset.prompt_len), device=device)
         outputs = {}
 
-        def ours() -> None:
-            with autocast():
-                outputs["ours"] = model.generate(prompt, preset.new_tokens, temperature=0)
+        def ours(compile: bool) -> Callable[[], None]:
+            def run() -> None:
+                with autocast():
+                    outputs["compiled" if compile else "eager"] = model.generate(
+                        prompt, preset.new_tokens, temperature=0, compile=compile
+                    )
 
-        def theirs() -> None:
+            return run
+
+        def theirs(new_tokens: int) -> torch.Tensor:
             with torch.inference_mode(), autocast():
-                outputs["peer"] = peer.generate(
+                return peer.generate(
                     prompt,
                     attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=preset.new_tokens,
-                    min_new_tokens=preset.new_tokens,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
                     do_sample=False,
                     use_cache=True,
                 )
 
-        dt_ours, dt_peer = median_times(ours, theirs, preset.generate_repeats, device)
+        def our_first_token() -> None:
+            with autocast():
+                next(model.generate_tokens(prompt, preset.new_tokens, temperature=0))
+
+        with autocast():  # compiles for this batch size; then the timed calls reuse the graph
+            results[f"compile_s_batch{batch}"] = compile_decode_step(
+                model.generate_tokens(prompt, preset.new_tokens, temperature=0, compile=True)
+            )
+        read_rate, model_read_rate = measure_read_rate(one_matrix), measure_read_rate(matrices)
+        dt_compiled, dt_eager, dt_peer = median_times(
+            [ours(compile=True), ours(compile=False), lambda: outputs.update(peer=theirs(preset.new_tokens))],
+            preset.generate_repeats,
+            device,
+        )
+        first_ours, first_peer = median_times(
+            [our_first_token, lambda: theirs(1)], preset.generate_repeats, device
+        )
         new_tokens = batch * preset.new_tokens
         results[f"decode_tokens_per_s_batch{batch}"] = {
-            "ours": new_tokens / dt_ours,
+            "ours": new_tokens / dt_compiled,
+            "ours_eager": new_tokens / dt_eager,
             "peer": new_tokens / dt_peer,
         }
-        results[f"greedy_tokens_identical_batch{batch}"] = torch.equal(outputs["ours"], outputs["peer"])
+        results[f"first_token_ms_batch{batch}"] = {"ours": 1000 * first_ours, "peer": 1000 * first_peer}
+        results[f"read_bytes_per_s_batch{batch}"] = read_rate
+        results[f"model_matrices_read_bytes_per_s_batch{batch}"] = model_read_rate
+        results[f"bandwidth_bound_tokens_per_s_batch{batch}"] = batch * read_rate / weight_bytes
+        results[f"greedy_tokens_identical_batch{batch}"] = all(
+            torch.equal(outputs[key], outputs["peer"]) for key in ("compiled", "eager")
+        )
     return results
 
 
 def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
-    """Our greedy generation tokens/s with the KV cache and without it, at batch 1 and 8."""
-    results = {"no_cache_model": asdict(model.config)}
+    """Our greedy generation tokens/s with the decode step compiled, eager, and without a KV cache,
+    at batch 1 and 8, from one token as sample.py starts; and how many tokens at batch 1 pay for the
+    compile (what sample.py's default rule weighs)."""
+    results: dict = {"no_cache_model": asdict(model.config)}
     for batch in (1, 8):
-        prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)  # one token, as sample.py starts
+        prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
-        def cached() -> None:
-            with autocast():
-                model.generate(prompt, preset.no_cache_tokens, temperature=0)
+        def cached(compile: bool) -> Callable[[], None]:
+            def run() -> None:
+                with autocast():
+                    model.generate(prompt, preset.no_cache_tokens, temperature=0, compile=compile)
+
+            return run
 
         def uncached() -> None:
             with torch.inference_mode(), autocast():
                 generate_without_cache(model, prompt, preset.no_cache_tokens)
 
-        dt_cached, dt_uncached = median_times(cached, uncached, preset.no_cache_repeats, device)
+        with autocast():
+            compile_s = compile_decode_step(
+                model.generate_tokens(prompt, preset.no_cache_tokens, temperature=0, compile=True)
+            )
+        dt_compiled, dt_eager, dt_uncached = median_times(
+            [cached(compile=True), cached(compile=False), uncached], preset.no_cache_repeats, device
+        )
         new_tokens = batch * preset.no_cache_tokens
         results[f"kv_cache_tokens_per_s_batch{batch}"] = {
-            "cache": new_tokens / dt_cached,
+            "compiled": new_tokens / dt_compiled,
+            "eager": new_tokens / dt_eager,
             "no_cache": new_tokens / dt_uncached,
         }
+        if batch == 1:
+            saved_per_token = (dt_eager - dt_compiled) / preset.no_cache_tokens
+            results["compile_s"] = compile_s
+            results["compile_pays_after_tokens"] = (
+                compile_s / saved_per_token if saved_per_token > 0 else None
+            )
     return results
 
 
@@ -382,10 +452,11 @@ def bench_multiple_choice(
 
 
 def print_table(r: dict, preset: Preset) -> None:
-    def row(name: str, ours: float | None, peer: float | None, fmt: str = "{:,.0f}") -> None:
-        cells = [fmt.format(v) if v is not None else "n/a" for v in (ours, peer)]
-        ratio = f"{ours / peer:.2f}x" if ours and peer else ""
-        print(f"{name:<44} {cells[0]:>12} {cells[1]:>12} {ratio:>9}")
+    def row(name: str, *values: float | None, fmt: str = "{:,.0f}") -> None:
+        """The values in columns, then the first over the second."""
+        cells = "".join(f" {fmt.format(v) if v is not None else 'n/a':>12}" for v in values)
+        ratio = f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else ""
+        print(f"{name:<44}{cells} {ratio:>9}")
 
     def pair(key: str, a: str = "ours", b: str = "peer") -> tuple:
         return r[key][a], r[key][b]
@@ -396,11 +467,40 @@ def print_table(r: dict, preset: Preset) -> None:
     row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair("train_tokens_per_s"))
     row("train MFU (of measured peak)", *(100 * v for v in pair("mfu")), fmt="{:.1f}%")
     row("train step peak memory (MiB)", mib["ours"], mib["peer"])
-    gen = f"{preset.prompt_len}-token prompt + {preset.new_tokens}"
     for batch in (1, 8):
-        row(f"decode tokens/s batch {batch} ({gen})", *pair(f"decode_tokens_per_s_batch{batch}"))
+        decode = r[f"decode_tokens_per_s_batch{batch}"]
+        bound = r[f"bandwidth_bound_tokens_per_s_batch{batch}"]
+        row(f"decode tokens/s batch {batch}, compiled", decode["ours"], decode["peer"])
+        row(f"decode tokens/s batch {batch}, eager", decode["ours_eager"], decode["peer"])
+        row(
+            f"  of the bandwidth bound ({bound:,.0f}), compiled",
+            *(100 * decode[k] / bound for k in ("ours", "peer")),
+            fmt="{:.0f}%",
+        )
+        row(f"time to first token batch {batch} (ms)", *pair(f"first_token_ms_batch{batch}"), fmt="{:,.1f}")
     same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
-    print(f"greedy tokens identical to transformers' (batch 1 and 8): {'yes' if same else 'NO'}")
+    print(
+        f"decode: greedy, {preset.prompt_len}-token prompt + {preset.new_tokens}, tokens/s of the whole call"
+    )
+    print(
+        f"greedy tokens identical, ours compiled and eager and transformers' (batch 1 and 8): "
+        f"{'yes' if same else 'NO'}"
+    )
+    mb = r["weight_bytes_per_step"] / 1e6
+    rates = ", ".join(f"{r[f'read_bytes_per_s_batch{b}'] / 1e9:.1f}" for b in (1, 8))
+    print(
+        f"bandwidth bound: batch x matrix-vector read rate over one {mb:.1f} MB matrix (measured before "
+        f"batch 1 and 8: {rates} GB/s) / {mb:.1f} MB of matrices read per step"
+    )
+    model_rate = r["model_matrices_read_bytes_per_s_batch1"]
+    print(
+        f"the model's own matrices, one matrix-vector product each, alone: {model_rate / 1e9:.1f} GB/s, "
+        f"{model_rate / r['weight_bytes_per_step']:,.0f} tokens/s at batch 1"
+    )
+    compile_s = ", ".join(f"{r[f'compile_s_batch{b}']:.1f}" for b in (1, 8))
+    print(
+        f"compiling the decode step, the first compiled call's first two tokens (batch 1, 8): {compile_s} s"
+    )
     print("\nours, activation checkpointing (train.py --activation_checkpointing=True)")
     print(f"{'':<44} {'on':>12} {'off':>12} {'on/off':>9}")
     row("train tokens/s", *pair("checkpointing_tokens_per_s", "on", "off"))
@@ -408,15 +508,19 @@ def print_table(r: dict, preset: Preset) -> None:
     row("train step peak memory (MiB)", *(v / 2**20 if v is not None else None for v in (on, off)))
     shape = r["no_cache_model"]
     print(
-        f"\nours, KV cache vs no cache: {preset.no_cache_tokens} new tokens, Shakespeare char model "
-        f"(n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, block_size {shape['block_size']})"
+        f"\nours, Shakespeare char model (n_layer {shape['n_layer']}, n_embd {shape['n_embd']}, "
+        f"block_size {shape['block_size']}): {preset.no_cache_tokens} new tokens from one"
     )
-    print(f"{'':<44} {'KV cache':>12} {'no cache':>12} {'ratio':>9}")
+    print(f"{'':<44} {'compiled':>12} {'eager':>12} {'no cache':>12} {'comp/eager':>9}")
     for batch in (1, 8):
-        row(
-            f"decode tokens/s batch {batch}",
-            *pair(f"kv_cache_tokens_per_s_batch{batch}", "cache", "no_cache"),
-        )
+        tokens_per_s = r[f"kv_cache_tokens_per_s_batch{batch}"]
+        row(f"decode tokens/s batch {batch}", *(tokens_per_s[k] for k in ("compiled", "eager", "no_cache")))
+    pays_after = r["compile_pays_after_tokens"]
+    repaid = f"after {pays_after:,.0f} tokens" if pays_after else "never"
+    print(
+        f"compiling the decode step: {r['compile_s']:.1f} s at batch 1, repaid {repaid} "
+        f"(sample.py compiles by default from {COMPILE_MIN_TOKENS:,})"
+    )
     print("\nours, multiple-choice scoring (eval.py), 4 choices per example, random tokens")
     print(f"{'':<44} {'batched 32':>12} {'one by one':>12} {'ratio':>9}")
     for key, name in (

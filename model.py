@@ -11,7 +11,7 @@ to `LlamaForCausalLM` (q/k projections included) and logits match it.
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -74,23 +74,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for generation, preallocated for max_len positions and written
-    in place by position: nothing grows while decoding."""
+    """Keys and values of every layer for one generation, in buffers of one shape from the first token
+    to the last. Position p is written in place at slot p % length, and a decoded token attends to all
+    slots under mask(pos): a decode step never changes shape, so one compiled graph serves them all.
+    A sliding-window model's cache is as long as its window W, a rolling buffer: a slot is overwritten
+    W positions later, when its key has left the window of every query to come."""
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int):
-        self.shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    def __init__(self, n_layer: int, length: int, device: torch.device):
+        self.length = length
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, n_kv_head, length, head_dim)
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.slots = torch.arange(length, device=device)
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, n_kv_head, T, head_dim) at start_pos; return all keys and values so far."""
-        if self.k is None:  # allocated on first use, so it takes the dtype autocast gave k and v
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
-        end = start_pos + k.size(2)
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_head, end, head_dim)
+    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slots of positions (T,), of the last `length` of them: a prefill longer than the cache
+        keeps only those."""
+        return positions[-self.length :] % self.length
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the last len(slots) keys and values of k, v (B, n_kv_head, T, head_dim) to their slots,
+        in place."""
+        if self.k[layer] is None:  # allocated on first use, so it takes the dtype autocast gave k and v
+            B, n_kv_head, _, head_dim = k.shape
+            self.k[layer] = k.new_zeros(B, n_kv_head, self.length, head_dim)
+            self.v[layer] = v.new_zeros(B, n_kv_head, self.length, head_dim)
+        kept = -slots.size(0)
+        self.k[layer].index_copy_(2, slots, k[:, :, kept:])
+        self.v[layer].index_copy_(2, slots, v[:, :, kept:])
+
+    def mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """(1, length): True at the slots a token at position pos (a (1,) tensor) attends to, those
+        written so far. A rolling buffer is full from position W - 1 on and then holds exactly the
+        window: positions pos - W + 1 .. pos."""
+        return (self.slots <= pos)[None]
 
 
 @dataclass
@@ -162,11 +178,11 @@ class Attention(nn.Module):
         if config.qk_norm:  # one gain of head size for all query heads, one for all key heads
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
-        self.sliding_window = config.sliding_window
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
+        """With a cache, the keys and values of x's tokens are stored in its slots (see KVCache.slots_of)."""
         B, T, _ = x.shape
         n_qk = self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
@@ -180,11 +196,11 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, n_kv_head, start_pos + T, head_dim)
-            if self.sliding_window is not None and T == 1:  # a decoded token sees its window: no mask
-                k, v = k[:, :, -self.sliding_window :], v[:, :, -self.sliding_window :]
+            cache.store(self.layer_idx, slots, k, v)
+            if T == 1:  # a decoded token attends to the whole cache, under the cache's mask
+                k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, n_kv_head, length, head_dim)
         # Causal for T > 1 (training, or a prefill from position 0) unless a sliding-window mask is given;
-        # one decoded token sees every key it gets. enable_gqa: each K/V head serves its group of queries.
+        # a decoded token sees the slots its mask allows. enable_gqa: each K/V head serves its query group.
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -220,8 +236,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, start_pos)
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
+        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -242,6 +258,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
+        self._compiled_forward: Callable | None = None  # made by compiled_forward on first use
         self.apply(self._init_weights)
         # GPT-2: shrink the projections that add into the residual stream, one pair per layer. Or, as
         # the speed runs do, start them at zero: each block begins as the identity.
@@ -270,33 +287,39 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
         (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
-        With a cache, idx holds the tokens at positions start_pos.. and their keys/values are stored."""
+        With a cache, the keys and values of idx are stored in it: without pos, idx holds positions
+        0..T-1 (a prefill); with pos, a (1,) tensor, idx (B, 1) is the token at that position, which
+        the caller keeps below block_size (generate_tokens does)."""
         B, T = idx.shape
-        if start_pos + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens is longer than block_size {self.config.block_size}"
-            )
-        if cache is not None and T > 1 and start_pos != 0:
-            raise ValueError("with a KV cache, several tokens at once must be a prefill from position 0")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        if pos is not None and (cache is None or T > 1):
+            raise ValueError("pos is for decoding one token at a time, (B, 1), with a KV cache")
         x = self.tok_embeddings(idx)  # (B, T, n_embd)
-        rope_cos = self.rope_cos[start_pos : start_pos + T, None]  # (T, 1, head_dim): broadcast over heads
-        rope_sin = self.rope_sin[start_pos : start_pos + T, None]
-        mask = None
+        # A position tensor, not a Python int: a compiled decode step then has one graph for every position.
+        positions = torch.arange(T, device=idx.device) if pos is None else pos  # (T,)
+        rope_cos = self.rope_cos[positions, None]  # (T, 1, head_dim): broadcast over heads
+        rope_sin = self.rope_sin[positions, None]
+        mask, slots = None, None
         W = self.config.sliding_window
-        if W is not None and T > W:  # T <= W is plain causal attention; one decoded token: see Attention
+        if cache is not None:  # computed once here rather than in every layer: a decode step is short
+            slots = cache.slots_of(positions)
+        if cache is not None and T == 1:  # one token attends to the cache's slots written so far
+            mask = cache.mask(positions)  # (1, cache length)
+        elif W is not None and T > W:  # T <= W is plain causal attention
             # Query i sees key j iff i - W < j <= i: transformers' sliding_window_overlay (masking_utils),
-            # which its Mistral, Qwen2 and Qwen3 use. T > 1 starts at position 0 (checked above).
-            back = torch.arange(T, device=idx.device)[:, None] - torch.arange(T, device=idx.device)
+            # which its Mistral, Qwen2 and Qwen3 use.
+            back = positions[:, None] - positions
             mask = (back >= 0) & (back < W)  # (T, T): True where a key is attended to
         for block in self.layers:
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
                 x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
             else:
-                x = block(x, rope_cos, rope_sin, mask, cache, start_pos)
+                x = block(x, rope_cos, rope_sin, mask, cache, slots)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
@@ -372,41 +395,70 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        compile: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Yield max_new_tokens new tokens (B, 1), one per step, continuing the prompts idx (B, T).
 
-        The prompt is prefilled into a KV cache once; then each step feeds only the newest token.
-        Context never exceeds block_size: a longer prompt keeps its last block_size tokens, and when
-        the cache is full the window slides by re-prefilling the most recent block_size // 2 tokens,
-        so every token is predicted from between block_size // 2 and block_size tokens of context.
+        The prompt is prefilled into a KV cache once, eagerly; then each step feeds only the newest token
+        at a position tensor: a step of one shape from the first token to the last, which compile=True
+        runs compiled (compiled_forward). Context never exceeds block_size: a longer prompt keeps its last
+        block_size tokens, and when the positions reach block_size the context restarts from the most
+        recent block_size // 2 tokens, re-prefilled, so every token is predicted from between
+        block_size // 2 and block_size tokens of context. A sliding-window model's cache holds only its
+        window, a rolling buffer: up to block_size its tokens are exactly those of a full forward.
         """
         B, T = idx.shape
         if T == 0:
             raise ValueError("generation needs at least one prompt token (e.g. an end-of-text token)")
-        cfg = self.config
-        block_size = cfg.block_size
-        # No longer than this call needs: a long-context model would otherwise reserve its whole window.
-        cache_len = min(block_size, T + max_new_tokens)
-        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, cache_len, cfg.head_dim)
-        window = torch.empty(B, cache_len, dtype=torch.long, device=idx.device)  # tokens in the cache
-        pos = min(T, block_size)
-        window[:, :pos] = idx[:, -pos:]
-        logits, _ = self(window[:, :pos], cache=cache, start_pos=0)
+        block_size = self.config.block_size
+        prompt_len = min(T, block_size)
+        context_len = min(block_size, prompt_len + max_new_tokens)
+        cache = KVCache(self.config.n_layer, self.kv_cache_length(T, max_new_tokens), idx.device)
+        context = torch.empty(B, context_len, dtype=torch.long, device=idx.device)  # tokens at 0..pos-1
+        context[:, :prompt_len] = idx[:, -prompt_len:]
+        pos = prompt_len  # the position of the next token fed
+        logits, _ = self(context[:, :pos], cache=cache)
+        decode = self.compiled_forward() if compile else self
+        if compile:  # fixed addresses: a CUDA graph then writes the cache in place rather than skip it
+            for buffer in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buffer)
+        position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
             yield next_token
             if step == max_new_tokens - 1:
                 break
-            if pos == block_size:  # cache full: restart it from the most recent tokens
+            if pos == block_size:  # context full: restart it from the most recent tokens
                 keep = max(1, block_size // 2)
-                window[:, : keep - 1] = window[:, pos - keep + 1 : pos].clone()
-                window[:, keep - 1] = next_token[:, 0]
-                logits, _ = self(window[:, :keep], cache=cache, start_pos=0)
+                context[:, : keep - 1] = context[:, pos - keep + 1 : pos].clone()
+                context[:, keep - 1] = next_token[:, 0]
+                logits, _ = self(context[:, :keep], cache=cache)
                 pos = keep
             else:
-                window[:, pos] = next_token[:, 0]
-                logits, _ = self(next_token, cache=cache, start_pos=pos)
+                context[:, pos] = next_token[:, 0]
+                position.fill_(pos)
+                logits, _ = decode(next_token, cache=cache, pos=position)
                 pos += 1
+
+    def kv_cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Slots in generate_tokens' KV cache: the positions the generation reaches, at most block_size
+        (no more: a long-context model would otherwise reserve its whole context), and at most the
+        sliding window, whose cache is a rolling buffer."""
+        context_len = min(self.config.block_size, prompt_len + max_new_tokens)
+        return min(context_len, self.config.sliding_window or context_len)
+
+    def compiled_forward(self) -> Callable[..., tuple[torch.Tensor, None]]:
+        """forward under torch.compile, for the decode steps: their shapes never change, so one graph
+        serves every position of every generation with the same batch size and cache length. On CUDA
+        it replays as a CUDA graph (triton.cudagraphs, what mode="reduce-overhead" sets): one launch
+        per token instead of hundreds. Without size_asserts, the run-time check of every library
+        kernel's output shape, a debugging aid, goes: 6-8% of a Shakespeare-model step on CPU. Not
+        fullgraph=True: past torch's limit of graphs per function (8), a new shape runs eagerly
+        instead of failing."""
+        if self._compiled_forward is None:
+            options = {"triton.cudagraphs": self.rope_cos.is_cuda, "size_asserts": False}
+            self._compiled_forward = torch.compile(self.forward, options=options)
+        return self._compiled_forward
 
     def generate(
         self,
@@ -415,18 +467,19 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
         temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
-        new_tokens = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p))
+        new_tokens = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, compile))
         return torch.cat([idx, *new_tokens], dim=1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit (B, vocab) outside the top_k, and outside the nucleus: the smallest set
     of most likely tokens whose probabilities sum to at least top_p."""
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+    if top_k is not None and top_k < logits.size(-1):  # top_k >= vocab keeps all: skip a topk per token
+        kth_best = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None and top_p < 1.0:
         probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)

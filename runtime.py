@@ -1,5 +1,5 @@
 """What the command-line programs share at run time: errors and exit codes, device and dtype choice,
-atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
+free memory, atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
 
 Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a missing or corrupt file,
 data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
@@ -117,6 +117,25 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPE_NAMES:
         raise ConfigError(f"dtype={requested!r}: use auto, {', '.join(DTYPE_NAMES)}")
     return getattr(torch, requested)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on device: CUDA's free memory, or the memory Linux reports
+    available (MemAvailable); None where unknown (MPS, other systems)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    available = next(
+        (line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None
+    )
+    return int(available) * 1024 if available else None
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against the device name.

@@ -4,8 +4,11 @@ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 """
 
 import codecs
+import functools
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +17,29 @@ import torch
 from checkpoint import load_model_and_tokenizer
 from configurator import parse_config
 from model import GPT
-from runtime import ConfigError, UserError, exit_on_error, pick_device, pick_dtype
+from runtime import ConfigError, UserError, exit_on_error, free_memory_bytes, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
-DESCRIPTION = """Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
+# Tokens per sample from which sample.py compiles the decode step by default: about where the compile
+# repays itself for the Shakespeare char model on a 2-core CPU, with torch's compile cache warm: 3.5-6 s
+# against ~0.5 ms saved a token (~950 -> ~1,850 tokens/s; rough, measured at nice 19). The first
+# compile on a machine, with a cold cache, takes several times longer.
+COMPILE_MIN_TOKENS = 10_000
+
+DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
 
 Output: each sample is the prompt followed by its continuation, and samples are separated by a line
 of dashes. The samples are generated together as one batch: the first is streamed as its tokens are
 generated, the others are printed when the batch is done. A one-line summary (tokens generated,
-tokens/s, time to first token) goes to stderr, so stdout holds only text.
+tokens/s, time to first token) goes to stderr, so stdout holds only text. Tokens/s counts the
+generation only; compiling, done before it, gets a line of its own.
+
+Compiling (compile): the prompt is prefilled eagerly, then each new token runs one compiled decode
+step whose shapes never change (on CUDA replayed as a CUDA graph). By default sample.py compiles
+when max_new_tokens is at least {COMPILE_MIN_TOKENS:,}: below that the compile (seconds to tens of seconds
+on a CPU, less when torch's on-disk compile cache is warm) costs more time than it saves; bench.py
+prints both, and the tokens that repay a compile, for the Shakespeare char model. --compile=True or
+--compile=False overrides the rule.
 
 Prompts (start):
   ""          start from the end-of-text token (GPT-2 BPE), the tokenizer's own start token (imported
@@ -32,6 +49,8 @@ Prompts (start):
   longer than the model's context (block_size tokens): the model sees only the last block_size
               tokens, and a note says so on stderr
   characters outside a character-level vocabulary: an error naming them
+The KV cache holds num_samples x min(block_size, prompt + max_new_tokens) positions (a sliding-window
+model: at most its window); one larger than the memory free on the device is refused.
 A missing, corrupt or tokenizer-less checkpoint is an error. An error prints a message on stderr,
 no traceback, and exits with status 1 (2 for an unknown key or a bad value, as in every CLI here)."""
 
@@ -50,7 +69,7 @@ class SampleConfig:
     seed: int = 1337  # the same seed, checkpoint, prompt and device give the same samples
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
-    compile: bool = False  # torch.compile the model: a slow first token, faster ones after
+    compile: bool | None = None  # torch.compile the decode step; None = by max_new_tokens (see above)
 
 
 def check_values(cfg: SampleConfig) -> None:
@@ -96,6 +115,22 @@ def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
         ) from None
 
 
+def compile_decode_step(steps: Iterator[torch.Tensor]) -> float:
+    """Compile the decode step for this batch and cache length by taking two tokens from steps, a
+    compiled generation, and dropping it; the seconds it took. A failed compile (no C++ compiler, say)
+    is a UserError."""
+    started = time.perf_counter()
+    try:
+        for token in itertools.islice(steps, 2):
+            token.cpu()  # waits for the device
+    except torch._dynamo.exc.TorchDynamoException as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"compiling the decode step failed ({reason}); run with --compile=False") from None
+    finally:
+        steps.close()
+    return time.perf_counter() - started
+
+
 def generate_and_print(
     model: GPT,
     tokenizer: Tokenizer,
@@ -109,13 +144,19 @@ def generate_and_print(
     # Holds back the bytes of an unfinished character: a BPE token can end in the middle of one.
     first_row = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new_tokens = []  # one (num_samples, 1) tensor per step
-    print(prompt_text, end="", flush=True)
-    torch.manual_seed(cfg.seed)  # seeds CUDA too; after loading, so the draws depend on nothing before
-    started = time.perf_counter()
-    first_token_s = 0.0
+    compile = cfg.compile if cfg.compile is not None else cfg.max_new_tokens >= COMPILE_MIN_TOKENS
+    generate = functools.partial(
+        model.generate_tokens, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+    )
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        steps = model.generate_tokens(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        for step, token in enumerate(steps):
+        if compile:
+            compile_s = compile_decode_step(generate(compile=True))
+            print(f"compiled the decode step in {compile_s:.1f} s (not counted below)", file=sys.stderr)
+        print(prompt_text, end="", flush=True)
+        torch.manual_seed(cfg.seed)  # seeds CUDA too; after loading and compiling, so nothing before counts
+        started = time.perf_counter()
+        first_token_s = 0.0
+        for step, token in enumerate(generate(compile=compile)):
             token = token.cpu()  # waits for the device, so the timings below are real
             if step == 0:
                 first_token_s = time.perf_counter() - started
@@ -134,6 +175,22 @@ def generate_and_print(
     )
 
 
+def check_kv_cache_fits(
+    model: GPT, cfg: SampleConfig, prompt_len: int, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
+    c = model.config
+    slots = cfg.num_samples * model.kv_cache_length(prompt_len, cfg.max_new_tokens)
+    needed = 2 * c.n_layer * c.n_kv_head * c.head_dim * slots * dtype.itemsize  # keys and values
+    free = free_memory_bytes(device)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} x {slots // cfg.num_samples} positions need a KV cache of "
+            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
+            "lower num_samples or max_new_tokens"
+        )
+
+
 def sample(cfg: SampleConfig) -> None:
     check_values(cfg)
     device = pick_device(cfg.device)
@@ -148,8 +205,7 @@ def sample(cfg: SampleConfig) -> None:
             f"the model sees only its last {block_size} tokens",
             file=sys.stderr,
         )
-    if cfg.compile:
-        model.compile()  # in place, so the calls generate_tokens makes to the model run compiled
+    check_kv_cache_fits(model, cfg, len(prompt_ids), device, dtype)
     generate_and_print(model, tokenizer, prompt_ids, prompt_text, cfg, device, dtype)
 
 

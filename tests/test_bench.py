@@ -25,10 +25,15 @@ def test_bench_tiny_preset_writes_every_figure_to_json(tmp_path, capsys, one_thr
         bench.main(["--preset", "tiny", "--device", "cpu", "--json", str(out)])
     assert exit_info.value.code == 0
     results = json.loads(out.read_text())
-    for key in ("train_tokens_per_s", "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "mfu"):
+    for key in ("train_tokens_per_s", "mfu", "first_token_ms_batch1", "first_token_ms_batch8"):
         assert set(results[key]) == {"ours", "peer"} and all(v > 0 for v in results[key].values())
-    for key in ("kv_cache_tokens_per_s_batch1", "kv_cache_tokens_per_s_batch8"):
-        assert set(results[key]) == {"cache", "no_cache"} and all(v > 0 for v in results[key].values())
+    for batch in (1, 8):
+        decode = results[f"decode_tokens_per_s_batch{batch}"]
+        assert set(decode) == {"ours", "ours_eager", "peer"} and all(v > 0 for v in decode.values())
+        for key in ("bandwidth_bound_tokens_per_s", "model_matrices_read_bytes_per_s", "compile_s"):
+            assert results[f"{key}_batch{batch}"] > 0
+        kv_cache = results[f"kv_cache_tokens_per_s_batch{batch}"]
+        assert set(kv_cache) == {"compiled", "eager", "no_cache"} and all(v > 0 for v in kv_cache.values())
     for key in ("choice_examples_per_s", "choice_examples_per_s_shakespeare"):
         assert results[key]["batched"] > 0 and results[key]["one_at_a_time"] > 0
     assert results["peak_flops"] > 0

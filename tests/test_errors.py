@@ -116,6 +116,15 @@ def fail_with(error: int, target: str) -> Callable[[pytest.MonkeyPatch], None]:
     return inject
 
 
+def compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault: the compiled decode step fails as torch.compile does without a C++ compiler."""
+
+    def fail(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+    monkeypatch.setattr(GPT, "compiled_forward", lambda self: fail)
+
+
 @dataclass
 class Case:
     name: str
@@ -340,6 +349,21 @@ CASES = [
         lambda e: [f"--out_dir={e.checkpoint(tokenizer={'tokenizer': 'morse'})}"],
         1,
         "unusable tokenizer",
+    ),
+    Case(
+        "sample: KV cache larger than memory",
+        "sample",
+        lambda e: [f"--out_dir={e.run}", "--num_samples=1000000000"],
+        2,
+        "need a KV cache of",
+    ),
+    Case(
+        "sample: compile fails",
+        "sample",
+        lambda e: [f"--out_dir={e.run}", "--compile=True", "--max_new_tokens=3"],
+        1,
+        "compiling the decode step failed (no C++ compiler); run with --compile=False",
+        compile_fails,
     ),
     Case(
         "sample: checkpoint missing its weights",

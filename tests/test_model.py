@@ -73,6 +73,17 @@ def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
     return hf
 
 
+def context_sensitive_model(config: GPTConfig, seed: int) -> GPT:
+    """A random model whose greedy tokens depend on the context: at GPT-2's initial scale, one repeats
+    two or three tokens whatever came before, and a test of which context it saw would prove nothing."""
+    model = random_model(config, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
 def all_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Logits at every position (B, T, vocab): passing targets makes forward return them all."""
     logits, _ = model(idx, targets=torch.zeros_like(idx))
@@ -103,17 +114,18 @@ def test_logits_match_transformers_with_explicit_mlp_size_and_mqa():
 @pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every-option"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_cached_decode_matches_full_forward(batch_size, options):
-    config = tiny_config(**options)
+    config = tiny_config(**options)  # every-option: the window of 5 is shorter than the 7-token prompt
     model = random_model(config)
     idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
-    prompt_len = 5
+    prompt_len = 7
+    cache = KVCache(config.n_layer, model.kv_cache_length(prompt_len, config.block_size), idx.device)
+    assert cache.length == (5 if options else config.block_size)  # a sliding window: a rolling buffer
     with torch.no_grad():
         full = all_logits(model, idx)
-        cache = KVCache(config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        logits, _ = model(idx[:, :prompt_len], cache=cache, start_pos=0)
+        logits, _ = model(idx[:, :prompt_len], cache=cache)
         assert (logits[:, -1] - full[:, prompt_len - 1]).abs().max().item() < 1e-5
-        for pos in range(prompt_len, config.block_size):
-            logits, _ = model(idx[:, pos : pos + 1], cache=cache, start_pos=pos)
+        for pos in range(prompt_len, config.block_size):  # the rolling buffer wraps 5 times
+            logits, _ = model(idx[:, pos : pos + 1], cache=cache, pos=torch.tensor([pos]))
             assert (logits[:, -1] - full[:, pos]).abs().max().item() < 1e-5
 
 
@@ -121,23 +133,49 @@ def test_cached_decode_matches_full_forward(batch_size, options):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size, options):
     config = tiny_config(**options)  # every-option: a 6-token prompt is longer than the window of 5
-    model = random_model(config, seed=1)
+    model = context_sensitive_model(config, seed=1)
     prompt = torch.randint(0, config.vocab_size, (batch_size, 6))
     with torch.no_grad():
         expected = generate_without_cache(model, prompt, config.block_size - 6)  # a full forward per token
     assert torch.equal(model.generate(prompt, config.block_size - 6, temperature=0), expected)
 
 
-def test_generate_past_block_size_slides_the_window():
-    config = tiny_config(block_size=8)
-    model = random_model(config, seed=2)
-    prompt = torch.randint(0, config.vocab_size, (2, 12))  # longer than the context: last 8 tokens kept
-    out = model.generate(prompt, 30, temperature=0)
-    assert out.shape == (2, 42) and torch.equal(out[:, :12], prompt)
-    # After a slide the model sees the last block_size // 2 tokens again; the first new token saw the last 8.
+def greedy_with_restarting_context(model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by a full forward per token over the context generate_tokens documents: the
+    prompt's last block_size tokens and, once block_size is reached, the most recent block_size // 2."""
+    block_size = model.config.block_size
+    context, new_tokens = prompt[:, -block_size:], []
+    for _ in range(max_new_tokens):
+        new_tokens.append(all_logits(model, context)[:, -1:].argmax(dim=-1))  # (B, 1)
+        if context.size(1) == block_size:
+            context = context[:, block_size - block_size // 2 + 1 :]
+        context = torch.cat([context, new_tokens[-1]], dim=1)
+    return torch.cat([prompt, *new_tokens], dim=1)
+
+
+@pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every-option"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_generate_past_block_size_restarts_from_the_last_half_block(batch_size, options):
+    config = tiny_config(block_size=16, **options)
+    model = context_sensitive_model(config, seed=2)
+    prompt = torch.randint(0, config.vocab_size, (batch_size, 20))  # longer than the context: last 16 kept
+    out = model.generate(prompt, 40, temperature=0)  # restarts at 16 positions, three times
     with torch.no_grad():
-        first = all_logits(model, prompt[:, -8:])[:, -1].argmax(dim=-1)
-    assert torch.equal(out[:, 12], first)
+        expected = greedy_with_restarting_context(model, prompt, 40)
+    assert out.shape == (batch_size, 60) and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every-option"])
+def test_compiled_decode_gives_eager_tokens_with_one_graph(options):
+    config = tiny_config(block_size=16, **options)
+    model = context_sensitive_model(config, seed=3)
+    prompt = torch.randint(0, config.vocab_size, (3, 5))
+    eager = model.generate(prompt, 30, temperature=0)  # past block_size: re-prefills run eagerly between
+    counters = torch._dynamo.utils.counters  # torch's own tallies: graphs compiled, graph breaks
+    counters.clear()
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_changing_a_token_never_changes_earlier_logits():

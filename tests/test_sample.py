@@ -96,6 +96,17 @@ def test_greedy_output_is_deterministic_and_equals_model_greedy_decoding(capsys,
     assert "50 tokens" in err and "tokens/s" in err and "time to first token" in err
 
 
+def test_compiled_decoding_prints_the_eager_text_and_times_the_compile_apart(capsys, char_dir):
+    flags = ("--start=ROMEO:", "--temperature=0", "--max_new_tokens=50")  # restarts past BLOCK_SIZE too
+    eager, eager_err = run_sample(capsys, char_dir, *flags)  # the default: 50 tokens do not pay a compile
+    compiled, compiled_err = run_sample(capsys, char_dir, *flags, "--compile=True")
+    assert compiled == eager
+    assert "compiled the decode step in" not in eager_err
+    compile_line, summary = compiled_err.strip().splitlines()
+    assert compile_line.startswith("compiled the decode step in") and "(not counted below)" in compile_line
+    assert summary.startswith("50 tokens (1 x 50)") and "time to first token" in summary
+
+
 def test_fixed_seed_reproduces_sampled_output_and_another_seed_differs(capsys, char_dir):
     flags = ("--start=ROMEO:", "--temperature=1.0", "--top_k=None", "--max_new_tokens=40")
     first, _ = run_sample(capsys, char_dir, *flags, "--seed=1")
@@ -289,5 +300,7 @@ def test_help_documents_the_defined_behaviours(capsys):
         "separated by a line",
         "one batch",
         "--top_p=None",
+        f"max_new_tokens is at least {sample.COMPILE_MIN_TOKENS:,}",
+        "larger than the memory free",
     ):
         assert documented in help_text
