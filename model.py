@@ -418,9 +418,10 @@ class GPT(nn.Module):
         context[:, :prompt_len] = idx[:, -prompt_len:]
         pos = prompt_len  # the position of the next token fed
         logits, _ = self(context[:, :pos], cache=cache)
-        decode = self.compiled_forward() if compile else self
-        if compile:  # fixed addresses: a CUDA graph then writes the cache in place rather than skip it
-            for buffer in cache.k + cache.v:
+        decode = self
+        if compile:
+            decode = self.compiled_forward()
+            for buffer in cache.k + cache.v:  # a CUDA graph writes in place only inputs at fixed addresses
                 torch._dynamo.mark_static_address(buffer)
         position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
         for step in range(max_new_tokens):
