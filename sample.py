@@ -20,10 +20,10 @@ from model import GPT
 from runtime import ConfigError, UserError, exit_on_error, free_memory_bytes, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
-# Tokens per sample from which sample.py compiles the decode step by default: about where the compile
-# repays itself for the Shakespeare char model on a 2-core CPU, with torch's compile cache warm: 3.5-6 s
-# against ~0.5 ms saved a token (~950 -> ~1,850 tokens/s; rough, measured at nice 19). The first
-# compile on a machine, with a cold cache, takes several times longer.
+# Tokens per sample from which sample.py compiles the decode step by default: where the compile repays
+# itself for the main job's model on a 2-core CPU. Measured quietly: a compile of 3.6-8 s against ~0.85
+# ms saved a token (~740 -> ~2,000 tokens/s), repaid after 4,000-9,500 tokens. The first compile on a
+# machine, with torch's compile cache cold, takes several times longer.
 COMPILE_MIN_TOKENS = 10_000
 
 DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
