@@ -52,6 +52,10 @@ def char_data(shakespeare_input, tmp_path_factory) -> Path:
     return out
 
 
+# Two processes under torchrun on this machine (gloo on CPU): prefix a script and its arguments.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def random_model(config: GPTConfig, seed: int = 0) -> GPT:
     """A random model in eval mode whose norm gains and biases are random too."""
     torch.manual_seed(seed)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCHRUN
 
 import eval
 import train
@@ -228,16 +228,7 @@ def lines_task(char_data, tmp_path_factory) -> Path:
 def test_two_processes_give_the_same_results_as_one(overfit_run, lines_task, tmp_path):
     flags = [f"--out_dir={overfit_run}", f"--tasks=bpb,{lines_task},{TASK}", "--batch_size=5"]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            REPO / "eval.py",
-        ]
-        + flags
-        + ["--device=cpu", f"--json={tmp_path / 'two.json'}"],
+        [*TORCHRUN, REPO / "eval.py"] + flags + ["--device=cpu", f"--json={tmp_path / 'two.json'}"],
         capture_output=True,
         text=True,
         env=SUBPROCESS_ENV,

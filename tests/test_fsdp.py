@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TORCHRUN
 
 import train
 from checkpoint import CKPT_NAME, LATEST_SHARDED, find_checkpoint, load_checkpoint, model_from_checkpoint
@@ -30,11 +31,9 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
 
 def run(out_dir: Path, data_dir: Path, *flags: str, nproc: int = 1) -> str:
     """train.py as its own process(es); its output. Every run, one or two processes, must exit 0."""
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    )
+    launcher = {1: [sys.executable], 2: TORCHRUN}[nproc]
     result = subprocess.run(
-        [sys.executable, *launcher, str(REPO / "train.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}",
+        [*launcher, str(REPO / "train.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}",
          *TINY, *flags],
         capture_output=True, text=True, timeout=300, cwd=out_dir.parent,
         env={**ENV, "TIKTOKEN_CACHE_DIR": str(REPO.parent / "shared" / "tiktoken_cache")},
@@ -154,8 +153,7 @@ def test_activation_checkpointing_gives_the_same_losses(char_data, tmp_path):
 def test_kill_9_of_one_worker_during_sharded_saves_leaves_a_resumable_checkpoint(char_data, tmp_path):
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY,
+    command = [*TORCHRUN, str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY,
                "--eval_interval=1", "--max_iters=100000", "--parallelism=fsdp"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     for line in proc.stdout:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCHRUN
 
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -228,14 +229,7 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path, optimizer):
     to 1e-5 relative (not bitwise), with either optimizer."""
     flags = ("--max_iters=6", "--gradient_accumulation_steps=4", "--dropout=0.1", f"--optimizer={optimizer}")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            *train_cmd(tmp_path / "ddp", char_data, *flags),
-        ],
+        [*TORCHRUN, *train_cmd(tmp_path / "ddp", char_data, *flags)],
         capture_output=True,
         text=True,
         env=SUBPROCESS_ENV,
