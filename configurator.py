@@ -52,6 +52,23 @@ def parse_config(defaults: T, argv: list[str] | None = None, prog: str = "", des
     return dataclasses.replace(defaults, **overrides)
 
 
+# Range rules for check_values: (test of the value, what the message says it must be).
+Rule = tuple[typing.Callable[[Any], bool], str]
+AT_LEAST_1: Rule = (lambda v: v >= 1, "must be at least 1")
+AT_LEAST_1_OR_NONE: Rule = (lambda v: v is None or v >= 1, "must be at least 1 or None")
+NOT_NEGATIVE: Rule = (lambda v: v is None or v >= 0, "must not be negative")
+POSITIVE: Rule = (lambda v: v > 0, "must be positive")
+BELOW_ONE: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def check_values(cfg: Any, rules: dict[str, Rule]) -> None:
+    """Refuse the first value of cfg that breaks its rule: ConfigError '<key> <must ...>, got <value>'."""
+    for key, (ok, must) in rules.items():
+        value = getattr(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key} {must}, got {value!r}")
+
+
 def usage(defaults: Any, prog: str = "", description: str = "") -> str:
     comments = _field_comments(type(defaults))
     hints = _field_types(defaults)

@@ -17,7 +17,8 @@ import errno
 import os
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -119,6 +120,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return getattr(torch, requested)
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Mixed precision in dtype (bf16, fp16) on device, or a no-op for float32: how every CLI computes."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def free_memory_bytes(device: torch.device) -> int | None:
     """Bytes that can still be allocated on device: CUDA's free memory, or the memory Linux reports
     available (MemAvailable); None where unknown (MPS, other systems)."""
@@ -196,6 +204,23 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 
 
 # --- processes ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def processes(requested_device: str) -> Iterator[torch.device]:
+    """This process's device. Under torchrun (RANK is set) each process takes its local rank's GPU and
+    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out."""
+    import torch.distributed as dist
+
+    distributed = "RANK" in os.environ
+    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
