@@ -32,12 +32,11 @@ import psutil
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import parse_config
-from eval import continuation_logprobs
+from configurator import read_config_file
 from model import GPT, GPTConfig, sample_next_token
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
 from sample import COMPILE_MIN_TOKENS, compile_decode_step
-from train import TrainConfig, model_config
+from tasks import continuation_logprobs
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
 SHAKESPEARE_VOCAB = 65  # distinct characters in Tiny Shakespeare
@@ -226,8 +225,9 @@ def shakespeare_model(out_dir: str | None, device: torch.device) -> GPT:
     configs/shakespeare_char.py gives (random weights decode exactly as fast)."""
     if out_dir:
         return model_from_checkpoint(load_checkpoint(out_dir, device)).to(device).eval()
-    cfg = parse_config(TrainConfig(), [str(SHAKESPEARE_CONFIG)])
-    return GPT(model_config(cfg, SHAKESPEARE_VOCAB)).to(device).eval()
+    values = read_config_file(str(SHAKESPEARE_CONFIG))
+    shape = {key: value for key, value in values.items() if key in GPTConfig.__dataclass_fields__}
+    return GPT(GPTConfig(vocab_size=SHAKESPEARE_VOCAB, **shape)).to(device).eval()
 
 
 def machine_name(device: torch.device) -> str:

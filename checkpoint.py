@@ -12,17 +12,26 @@ The optimizer state is keyed by parameter name (torch.distributed.checkpoint.sta
 kind resumes on any number of processes, sharded or not.
 """
 
+import fcntl
+import os
 import secrets
 import shutil
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
 
 from model import GPT, GPTConfig
-from runtime import PathLike, UserError, atomic_write, fsync_dir
+from runtime import PathLike, UserError, atomic_write, fsync_dir, world
 from tokenizer import Tokenizer, get_tokenizer
 
 CKPT_NAME = "ckpt.pt"
@@ -51,6 +60,44 @@ def save_sharded_checkpoint(state: dict, meta: dict, out_dir: Path, iter_num: in
         atomic_write(out_dir / LATEST_SHARDED, lambda f: f.write(folder.name.encode()))
         prune_checkpoints(out_dir)
     dist.barrier()  # no process moves on while the previous checkpoint is being replaced
+
+
+def save_training_state(
+    model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], meta: dict, out_dir: Path, sharded: bool
+) -> None:
+    """A training run's checkpoint in out_dir: meta plus the model's and optimizers' state, the latter
+    keyed by parameter name. ckpt.pt, written by rank 0 (every process holds the same weights), or with
+    sharded=True a sharded checkpoint written by every process at once. Called by every process."""
+    if sharded:
+        model_state, optimizer_state = get_state_dict(model, optimizers)
+        save_sharded_checkpoint(
+            {"model": model_state, "optimizer": optimizer_state}, meta, out_dir, meta["iter_num"]
+        )
+    elif world()[0] == 0:
+        optimizer_state = get_optimizer_state_dict(model, optimizers)
+        save_checkpoint(
+            {**meta, "model": model.state_dict(), "optimizer": optimizer_state}, out_dir / CKPT_NAME
+        )
+        prune_checkpoints(out_dir)
+
+
+def load_optimizer_state(
+    checkpoint: dict, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
+) -> None:
+    """Load the optimizers' state of a checkpoint of either kind into optimizers, whatever the number of
+    processes and sharding that wrote it. Each param group keeps its lr_scale: this run's, not the saved."""
+    if "optimizer" in checkpoint:  # ckpt.pt: whole tensors, which set_optimizer_state_dict shards if needed
+        state, options = checkpoint["optimizer"], StateDictOptions(full_state_dict=True)
+    else:  # a sharded checkpoint: every process reads the parts its own shards need
+        state, options = get_optimizer_state_dict(model, optimizers), None
+        load_sharded_state({"optimizer": state}, checkpoint["folder"])
+    scales = [[group["lr_scale"] for group in optimizer.param_groups] for optimizer in optimizers]
+    set_optimizer_state_dict(model, optimizers, state, options=options)
+    for optimizer, group_scales in zip(
+        optimizers, scales
+    ):  # this run's lr_scale (muon_lr), not the saved one
+        for group, scale in zip(optimizer.param_groups, group_scales):
+            group["lr_scale"] = scale
 
 
 def find_checkpoint(path: PathLike) -> Path:
@@ -83,6 +130,31 @@ def prune_checkpoints(out_dir: Path) -> None:
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     fsync_dir(out_dir)
+
+
+def lock_out_dir(out_dir: Path) -> BinaryIO | None:
+    """Make this process the only run writing out_dir (rank 0; the others write nothing). The kernel
+    holds the lock for the open file, so a killed run never leaves it stuck; the file names our pid."""
+    if world()[0] != 0:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / ".lock", "a+b")  # kept open for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().decode().strip() or "?"
+        raise UserError(
+            f"{out_dir} is in use by another run (process {other}): wait for it to finish, stop it, "
+            "or choose another out_dir"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    for stale in out_dir.glob("*.tmp"):  # a run killed mid-save left it; with the lock, nobody writes it now
+        stale.unlink()
+    prune_checkpoints(out_dir)  # and the folder of a sharded save it did not finish
+    return lock
 
 
 def load_sharded_checkpoint(folder: Path, device: str | torch.device) -> dict:

@@ -46,7 +46,7 @@ def parse_config(defaults: T, argv: list[str] | None = None, prog: str = "", des
             value = _parse_value(raw) if has_value else True
             overrides[key] = _check_type(key, value, hints[key], arg, raw if has_value else None)
         else:
-            for key, value in _read_config_file(arg).items():
+            for key, value in read_config_file(arg).items():
                 _check_known(key, hints, arg)
                 overrides[key] = _check_type(key, value, hints[key], arg)
     return dataclasses.replace(defaults, **overrides)
@@ -96,7 +96,7 @@ def _field_types(defaults: Any) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(defaults) if f.init}
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
+def read_config_file(path: str) -> dict[str, Any]:
     """The keys a config file sets: a Python file of assignments, or a JSON object (a run's config.json)."""
     try:
         source = Path(path).read_text()

@@ -8,9 +8,10 @@ Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from metrics import metrics_path, read_records
 
 Point = tuple[int, float | None, float]  # (iteration, seconds since the run started, value)
 
@@ -18,14 +19,9 @@ Point = tuple[int, float | None, float]  # (iteration, seconds since the run sta
 def read_series(path: Path) -> dict[str, list[Point]]:
     """Every metric's points in file order. A resumed run drops the records it replays, so an
     iteration appears once; a line cut short by a run still writing is skipped."""
+    records, skipped = read_records(path)
     series: dict[str, list[Point]] = {}
-    skipped = 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += line.strip() != ""
-            continue
+    for record in records:
         for key, value in record.items():
             if key not in ("iter", "elapsed_s") and isinstance(value, (int, float)):
                 series.setdefault(key, []).append((record["iter"], record.get("elapsed_s"), value))
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = {}
     for out_dir in args.out_dirs:
-        path = Path(out_dir) / "metrics.jsonl"
+        path = metrics_path(out_dir)
         if not path.is_file():
             sys.exit(f"error: no {path}; train first (python train.py ... --out_dir={out_dir})")
         runs[out_dir] = read_series(path)

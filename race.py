@@ -12,7 +12,6 @@ run meanwhile.
 """
 
 import argparse
-import json
 import shlex
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from metrics import metrics_path, read_records
 from runtime import ConfigError, UserError, exit_on_error
 
 TRAIN = Path(__file__).parent / "train.py"
@@ -35,7 +35,7 @@ def run_recipe(args: list[str], out_dir: Path) -> tuple[float, float]:
         wall = time.perf_counter() - start
     if code != 0:
         raise UserError(f"train.py exited with code {code}: see {out_dir / 'train.log'}")
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records, _ = read_records(metrics_path(out_dir))
     full_val = [r["val_loss_full"] for r in records if "val_loss_full" in r]
     if not full_val:
         raise ConfigError(f"{shlex.join(args)} logged no whole-split val loss: keep eval_full on")

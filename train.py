@@ -9,15 +9,12 @@ training micro-step (its batch windows and its dropout masks) is derived from (s
 global micro-step index): a resumed run repeats the uninterrupted one exactly, and N processes
 train on the same global batches as one process.
 
-Reading order: the config, the data, setup (model, optimizer, resume), the training loop and its
-steps, evaluation-only, and train() / main(), which tie them together.
+Reading order: the config; train() and its loop, step and saves; evaluation; setup (data, model,
+optimizer, resume) and the config's checks; signals and main().
 """
 
-import errno
-import fcntl
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -29,44 +26,39 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    get_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (
-    CKPT_NAME,
     load_checkpoint,
-    load_sharded_state,
+    load_optimizer_state,
+    lock_out_dir,
     model_from_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    save_sharded_checkpoint,
+    save_training_state,
 )
-from configurator import parse_config
-from eval import task_names, task_scores
+from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, check_values, parse_config
+from dataset import check_data_fits, get_batch, load_meta, read_tokens, resolve_data_dir
+from loss_eval import all_reduce_sum, full_val_loss
+from metrics import MetricsLog
 from model import GPT, GPTConfig
 from runtime import (
     ConfigError,
     UserError,
     atomic_write,
+    autocast,
     datasheet_peak_flops,
     exit_on_error,
-    pick_device,
     pick_dtype,
     print0,
+    processes,
     world,
 )
+from tasks import task_names, task_scores
 from tokenizer import get_tokenizer, tokenizer_entry
 
-REPO_DIR = Path(__file__).resolve().parent
-STARTED = time.time()  # metrics records carry the wall time since this process started
+RUN_CONFIG_NAME = "config.json"  # the run's resolved config, what --init_from=resume restores
 
 
 @dataclass
@@ -121,9 +113,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # after warmup: 'cosine' decay, or 'wsd' (constant, then a linear decay)
     decay_frac: float = 0.2  # wsd: the last fraction of lr_decay_iters that decays linearly to min_lr
     # parallelism (under torchrun) and memory
-    parallelism: str = (
-        "ddp"  # 'ddp': every process holds the whole model; 'fsdp': shard it over the processes
-    )
+    parallelism: str = "ddp"  # 'ddp': each process holds the whole model; 'fsdp': shard it over them
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     # system
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), or a torch device such as 'cpu', 'cuda:1'
@@ -141,184 +131,331 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and 
 _stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops after this iteration
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> None:
-    """Values no run can use, refused before any work (exit code 2)."""
-    for key in (
-        "batch_size",
-        "gradient_accumulation_steps",
-        "eval_interval",
-        "eval_iters",
-        "eval_task_examples",
-        "muon_ns_steps",
-        "log_interval",
-    ):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in (
-        "max_iters",
-        "warmup_iters",
-        "lr_decay_iters",
-        "learning_rate",
-        "min_lr",
-        "weight_decay",
-        "grad_clip",
-    ):
-        if (getattr(cfg, key) or 0) < 0:
-            raise ConfigError(f"{key} must not be negative, got {getattr(cfg, key)}")
-    for key in ("beta1", "beta2", "dropout", "muon_momentum"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
-    if not 0 <= cfg.seed < 2**63:
-        raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
-    if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
-        raise ConfigError(
-            f"learning_rate and muon_lr must be positive, got {cfg.learning_rate}, {cfg.muon_lr}"
-        )
-    for key, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    if not 0 < cfg.decay_frac <= 1:
-        raise ConfigError(f"decay_frac must be in (0, 1], got {cfg.decay_frac}")
-    if cfg.optimizer == "muon" and cfg.parallelism == "fsdp":
-        raise ConfigError(
-            "optimizer='muon' with parallelism='fsdp' is not supported: Muon orthogonalises each matrix, "
-            "and each process would orthogonalise only its shard; use ddp, or adamw"
-        )
-    if cfg.parallelism not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
-    if cfg.parallelism == "fsdp" and world_size == 1:
-        raise ConfigError(
-            "parallelism='fsdp' shards the model over the processes torchrun starts; in one process "
-            "use the default (ddp), or start several: torchrun --nproc_per_node=N train.py ..."
-        )
-    if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError(
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
-            f"{world_size} processes and must be a multiple of {world_size}"
-        )
-    out_dir = Path(cfg.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
+@dataclass
+class Run:
+    """Everything a run needs after setup; iter_num and best_val_loss advance as it trains."""
+
+    cfg: TrainConfig
+    device: torch.device
+    autocast: AbstractContextManager  # bf16/fp16 autocast, or a no-op for float32
+    data_dir: Path
+    meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
+    raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
+    model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
+    train_model: torch.nn.Module  # model, in DDP when there are several processes: training calls this
+    optimizers: list[torch.optim.Optimizer]  # AdamW, or Muon and AdamW
+    scaler: torch.amp.GradScaler  # active for float16 only
+    metrics: MetricsLog
+    stop_group: dist.ProcessGroup | None  # gloo group that agrees on stop signals
+    lock: BinaryIO | None  # held open: the lock on out_dir lasts as long as the run
+    local_steps: int  # micro-steps per iteration in this process
+    resumed: bool  # continuing the run in out_dir
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
-def load_meta(data_dir: Path) -> dict:
-    """The meta.json of a prepared data set (written last by its prepare script)."""
-    path = data_dir / "meta.json"
-    script = REPO_DIR / "data" / data_dir.name / "prepare.py"
-    if script.is_file():
-        command = f"python data/{data_dir.name}/prepare.py"
-    else:
-        command = f"python data/<name>/prepare.py --out_dir {data_dir}"
-    if not path.is_file():
-        raise UserError(
-            f"{path} not found: the data set is not prepared (or its preparation did not finish); "
-            f"run {command}"
-        )
-    redo = f"prepare the data set again: {command}"
+def train(cfg: TrainConfig) -> int:
+    """Train (or, with eval_only, evaluate) as cfg says; returns the process exit code."""
+    global _stop_signal
+    _stop_signal = 0
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        counts = {split: int(meta[f"{split}_tokens"]) for split in ("train", "val")}
-        if int(meta["vocab_size"]) < 1:
-            raise ValueError("vocab_size must be at least 1")
-    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
-        what = f"has no {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
-        raise UserError(f"{path} {what}: {redo}") from None
-    for split, n_tokens in counts.items():
-        bin_path = data_dir / f"{split}.bin"
-        size = bin_path.stat().st_size if bin_path.is_file() else None
-        if size != n_tokens * itemsize:
-            found = "is missing" if size is None else f"holds {size // itemsize:,} tokens"
-            raise UserError(f"{bin_path} {found} but meta.json says {n_tokens:,}: {redo}")
-    return meta
+        with processes(cfg.device) as device:
+            stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            check_config(cfg, world()[1])
+            run = setup(cfg, device, stop_group)
+            code = evaluate_only(run) if cfg.eval_only else train_loop(run)
+            if dist.is_initialized():
+                dist.barrier()  # all done with collectives: destroying the group while one is busy can abort
+            return code
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
-def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
-    for split in ("train", "val"):
-        n_tokens = meta[f"{split}_tokens"]
-        if n_tokens <= block_size:
-            raise UserError(
-                f"block_size={block_size} does not fit the {split} split of {data_dir} "
-                f"({n_tokens:,} tokens): "
-                "lower block_size or use a larger data set"
-            )
+def train_loop(run: Run) -> int:
+    """Evaluate every eval_interval (saving when val loss improves), train an iteration, log every
+    log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
+    cfg = run.cfg
+    first_iter, stop_signal, loss_sum = run.iter_num, 0, None
+    show_bar = world()[0] == 0 and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not show_bar, dynamic_ncols=True)
+    clock = (time.time(), run.iter_num)  # when the last log line or evaluation ended, at which iteration
+    while True:
+        due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+        evaluated_before = run.resumed and run.iter_num == first_iter  # by the run that saved the checkpoint
+        if due and not evaluated_before:
+            val_loss = evaluate(run)  # None when a stop signal cut it short
+            if val_loss is not None and (val_loss < run.best_val_loss or cfg.always_save_checkpoint):
+                run.best_val_loss = min(run.best_val_loss, val_loss)
+                if run.iter_num > 0:
+                    save(run)
+            clock = (time.time(), run.iter_num)  # evaluation time is not training time
+        stop_signal = agreed_stop_signal(run.stop_group)
+        if run.iter_num >= cfg.max_iters or stop_signal:
+            break
+
+        lr = get_lr(run.iter_num, cfg)
+        loss_sum = train_step(run, lr)
+        run.iter_num += 1
+        bar.update()
+        if run.iter_num % cfg.log_interval == 0:
+            clock = log_progress(run, loss_sum, lr, clock, bar)
+    bar.close()
+
+    if cfg.eval_full and not stop_signal:
+        evaluate_full(run)
+        stop_signal = agreed_stop_signal(run.stop_group)
+    if stop_signal:
+        return save_and_stop(run, stop_signal, loss_sum)
+    return 0
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":  # pinned memory lets the copy run asynchronously
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One iteration: this process's micro-steps of forward and backward, then one optimizer step.
+    Returns the sum of its micro-step losses, left on the device (reading it waits for the device)."""
+    cfg, rank = run.cfg, world()[0]
+    for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
+        group["lr"] = lr * group["lr_scale"]
+    loss_sum = torch.zeros((), device=run.device)
+    for micro_step in range(run.local_steps):
+        rng = np.random.default_rng(
+            [cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step]
+        )
+        torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
+        x, y = get_batch(run.data_dir, run.meta, "train", rng, cfg.batch_size, cfg.block_size, run.device)
+        # Gradients are averaged across processes only in the last micro-step's backward.
+        sync_now = micro_step == run.local_steps - 1 or not isinstance(run.train_model, DDP)
+        with nullcontext() if sync_now else run.train_model.no_sync():
+            with run.autocast:
+                loss = run.train_model(x, y)[1]  # not holding the logits frees them before backward
+            run.scaler.scale(loss / run.local_steps).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        for optimizer in run.optimizers:
+            run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    for optimizer in run.optimizers:
+        run.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    run.scaler.update()
+    return loss_sum
 
 
-def get_batch(
-    path: Path,
-    token_dtype: str,
-    rng: np.random.Generator,
-    batch_size: int,
-    block_size: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size random windows of the token file: inputs and their next tokens, each (B, block_size)."""
-    # Opened anew for every batch: a long-lived np.memmap keeps every page it has read referenced,
-    # so on a corpus of many GB the process's memory would keep growing.
-    data = np.memmap(path, dtype=token_dtype, mode="r")
-    starts = rng.integers(0, len(data) - block_size, size=batch_size)
-    x = np.stack([data[s : s + block_size] for s in starts]).astype(np.int64)
-    y = np.stack([data[s + 1 : s + 1 + block_size] for s in starts]).astype(np.int64)
-    return to_device(x, device), to_device(y, device)
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """AdamW's learning rate at iteration it (Muon's is muon_lr / learning_rate times it): a linear
+    warmup to learning_rate, then to min_lr at lr_decay_iters by a cosine decay, or by 'wsd': constant
+    until the last decay_frac of lr_decay_iters, then a linear decay; then min_lr."""
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, decay_iters * (1 - cfg.decay_frac))
+        if it < decay_start:
+            return cfg.learning_rate
+        return cfg.learning_rate + (cfg.min_lr - cfg.learning_rate) * (it - decay_start) / (
+            decay_iters - decay_start
+        )
+    progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def global_loss(run: Run, loss_sum: torch.Tensor) -> float:
+    """An iteration's mean micro-step loss over all processes (waits for the device)."""
+    return all_reduce_sum(loss_sum / run.local_steps).item() / world()[1]
+
+
+def log_progress(
+    run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float, int], bar: tqdm
+) -> tuple[float, int]:
+    """Log the last iteration's loss and the speed since `since` (time, iteration); returns the new clock."""
+    loss = global_loss(run, loss_sum)  # waits for the device, so the time below is real
+    check_finite(loss, "the training loss", run.iter_num)
+    now = time.time()
+    dt = (now - since[0]) / (run.iter_num - since[1])
+    tokens_per_s = tokens_per_iter(run.cfg) / dt
+    peak = datasheet_peak_flops(run.device)
+    # Per device: this process's tokens against one device's peak.
+    mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
+    print0(
+        f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+        f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+    )
+    record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
+    run.metrics.write({"iter": run.iter_num, **record})
+    bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
+    return now, run.iter_num
+
+
+def check_finite(loss: float, what: str, iter_num: int) -> None:
+    if not math.isfinite(loss):
+        raise UserError(
+            f"{what} is {loss} at iter {iter_num}: training diverged, so it stops here and the last good "
+            "checkpoint is left as it was. Try a lower learning_rate, a longer warmup_iters or grad_clip"
+        )
+
+
+def save(run: Run) -> None:
+    """The run's checkpoint in out_dir: ckpt.pt written by rank 0 (every process holds the same
+    weights), or a sharded checkpoint written by every process at once (fsdp)."""
+    out_dir = Path(run.cfg.out_dir)
+    meta = {
+        "model_args": asdict(run.raw_model.config),
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val_loss,
+        "config": asdict(run.cfg),
+        "tokenizer": tokenizer_entry(run.meta),
+        "scaler": run.scaler.state_dict(),
+    }
+    save_training_state(run.raw_model, run.optimizers, meta, out_dir, sharded=run.cfg.parallelism == "fsdp")
+
+
+def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> int:
+    """Save where the run stands after a stop signal; returns the shell's exit code for that signal."""
+    if loss_sum is not None:  # never replace a good checkpoint with diverged weights
+        check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
+    save(run)
+    print0(
+        f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved a checkpoint in "
+        f"{run.cfg.out_dir}; continue with: "
+        f"python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
+    )
+    return 128 + stop_signal  # the run did not finish
+
+
+# --- evaluation -----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def full_val_loss(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    block_size: int,
-    batch_size: int,
-    device: torch.device,
-    autocast: AbstractContextManager | None = None,
-    stop_group: dist.ProcessGroup | None = None,
-) -> float:
-    """Mean loss over every token of tokens but the first, each predicted once: consecutive,
-    non-overlapping windows of block_size, batched and shared out among the processes. The last
-    window is padded, its padding ignored, so every batch has one shape (no recompiling). Every
-    process runs as many batches (a sharded model's forward is collective); a stop signal ends them
-    all at the same batch, and the caller discards the result."""
-    rank, world_size = world()
-    n_targets = len(tokens) - 1
-    n_windows = math.ceil(n_targets / block_size)
-    step = world_size * batch_size
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for first in range(rank * batch_size, math.ceil(n_windows / step) * step, step):
-        if agreed_stop_signal(stop_group):
-            break
-        x = np.zeros((batch_size, block_size), dtype=np.int64)
-        y = np.full((batch_size, block_size), -1, dtype=np.int64)  # -1: ignored by the loss
-        for row, window in enumerate(range(first, min(first + batch_size, n_windows))):
-            chunk = np.asarray(tokens[window * block_size : (window + 1) * block_size + 1], dtype=np.int64)
-            x[row, : len(chunk) - 1], y[row, : len(chunk) - 1] = chunk[:-1], chunk[1:]
-        with autocast or nullcontext():
-            _, loss = model(to_device(x, device), to_device(y, device))
-        n_real = int((y >= 0).sum())  # 0 in a batch that only keeps the processes in step
-        if n_real:
-            total += loss.double() * n_real  # the loss is a mean over the batch's real targets
-    model.train(was_training)
-    return all_reduce_sum(total).item() / n_targets
+def estimate_loss(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split, shared out among the processes. The batches
+    are the same at every evaluation, so successive evaluations differ only by the model."""
+    cfg, (rank, world_size) = run.cfg, world()
+    run.model.eval()
+    losses = {}
+    for split_index, split in enumerate(("train", "val")):
+        total = torch.zeros((), device=run.device)
+        # Every process runs as many batches (a sharded model's forward is collective); a stop signal
+        # ends them all at the same batch, and the caller discards the evaluation.
+        for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
+            if agreed_stop_signal(run.stop_group):
+                break
+            rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
+            x, y = get_batch(run.data_dir, run.meta, split, rng, cfg.batch_size, cfg.block_size, run.device)
+            with run.autocast:
+                _, loss = run.model(x, y)
+            if k < cfg.eval_iters:  # the others only keep the processes in step
+                total += loss.float()
+        losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
+    run.model.train()
+    return losses
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
+def evaluate(run: Run) -> float | None:
+    """Estimate, print and log the train and val losses; returns the val loss, which must be finite,
+    or None if a stop signal on any process cut the evaluation short."""
+    cfg, losses, scores = run.cfg, estimate_loss(run), {}
+    if cfg.eval_tasks:  # the raw model: every batch of choices has its own length, too many to compile
+        tokenizer, examples = get_tokenizer(run.meta), cfg.eval_task_examples
+        args = (cfg.eval_tasks, examples, cfg.batch_size, run.device, run.autocast)
+        scores = task_scores(run.raw_model, tokenizer, *args)
+    if agreed_stop_signal(run.stop_group):
+        return None
+    shown = "".join(f", {name} {value:.4f}" for name, value in scores.items())
+    print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{shown}")
+    run.metrics.write(
+        {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores}
+    )
+    check_finite(losses["val"], "the val loss", run.iter_num)
+    return losses["val"]
 
 
-# --- setup: model, optimizer, resume ----------------------------------------------------------------
+def evaluate_full(run: Run) -> None:
+    """The loss over the whole val split, every token once: the number to compare runs by."""
+    t0, cfg = time.time(), run.cfg
+    loss = full_val_loss(
+        run.model,
+        read_tokens(run.data_dir, run.meta, "val"),
+        cfg.block_size,
+        cfg.batch_size,
+        run.device,
+        run.autocast,
+        should_stop=lambda: bool(agreed_stop_signal(run.stop_group)),
+    )
+    if agreed_stop_signal(run.stop_group):  # cut short: not a result
+        return
+    print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
+    run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
+
+
+def evaluate_only(run: Run) -> int:
+    """eval_only: evaluate the model init_from gives, without training or saving."""
+    evaluate(run)
+    if run.cfg.eval_full:
+        evaluate_full(run)
+    stop_signal = agreed_stop_signal(run.stop_group)
+    return 128 + stop_signal if stop_signal else 0
+
+
+# --- setup: model, optimizer, resume --------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup | None) -> Run:
+    """Data, model, optimizer and the state a resumed run continues from; prints what was set up."""
+    lock = lock_out_dir(Path(cfg.out_dir))
+    data_dir = resolve_data_dir(cfg.dataset, cfg.data_dir)
+    meta = load_meta(data_dir)
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in float32
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    raw_model, checkpoint, cfg = init_model(cfg, meta)
+    check_data_fits(data_dir, meta, cfg.block_size)
+    model, train_model = parallelize(raw_model, cfg, device, dtype)
+    optimizers = raw_model.configure_optimizers(  # after sharding: they update this process's shards
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        device.type,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
+        muon_momentum=cfg.muon_momentum,
+        muon_ns_steps=cfg.muon_ns_steps,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    resumed = cfg.init_from == "resume" and not cfg.eval_only
+    iter_num = checkpoint["iter_num"] if checkpoint is not None and (resumed or cfg.eval_only) else 0
+    best_val_loss = (
+        restore_training_state(cfg, checkpoint, raw_model, optimizers, scaler) if resumed else math.inf
+    )
+    del checkpoint  # the weights now live in the model and optimizer
+    # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
+    mixed = autocast(device, dtype) if cfg.parallelism != "fsdp" else nullcontext()
+    keep_until = iter_num if resumed else math.inf if cfg.eval_only else None
+    run = Run(
+        cfg=cfg,
+        device=device,
+        autocast=mixed,
+        data_dir=data_dir,
+        meta=meta,
+        raw_model=raw_model,
+        model=model,
+        train_model=train_model,
+        optimizers=optimizers,
+        scaler=scaler,
+        metrics=open_metrics(cfg, keep_until),
+        lock=lock,
+        stop_group=stop_group,
+        local_steps=cfg.gradient_accumulation_steps // world()[1],
+        resumed=resumed,
+        iter_num=iter_num,
+        best_val_loss=best_val_loss,
+    )
+    if not cfg.eval_only:
+        write_run_config(cfg)
+    print_setup(run, dtype)
+    return run
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -373,137 +510,6 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     return model, checkpoint, replace(cfg, **changed)
 
 
-class MetricsLog:
-    """Appends records to out_dir/metrics.jsonl, and to wandb when asked; on rank 0 only.
-
-    keep_until=None starts a new log; an iteration keeps the records up to it (a resumed run drops
-    what the interrupted one logged past its checkpoint, so no iteration appears twice) and drops a
-    line cut short by a crash. A record is written whole or not at all, even on a full disk."""
-
-    def __init__(self, cfg: TrainConfig, keep_until: float | None):
-        self.path, self.wandb_run = None, None
-        if world()[0] != 0:
-            return
-        self.path = Path(cfg.out_dir) / "metrics.jsonl"
-        kept = [] if keep_until is None else [r for r in read_records(self.path) if r["iter"] <= keep_until]
-        lines = "".join(json.dumps(record) + "\n" for record in kept)
-        atomic_write(self.path, lambda f: f.write(lines.encode()))
-        if cfg.wandb_log:
-            import wandb  # only when asked for: it is slow to import
-
-            self.wandb_run = wandb.init(
-                project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir
-            )
-
-    def write(self, record: dict) -> None:
-        record = {**record, "elapsed_s": round(time.time() - STARTED, 3)}
-        if self.path is not None:
-            line = (json.dumps(record) + "\n").encode()
-            with self.path.open("ab", buffering=0) as f:  # unbuffered: one write call, or an error
-                end = f.seek(0, os.SEEK_END)
-                try:
-                    if f.write(line) != len(line):
-                        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-                except OSError as e:
-                    f.truncate(end)  # no torn line that would swallow the next record
-                    raise OSError(e.errno, e.strerror, str(self.path)) from e
-        if self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
-                step=record["iter"],
-            )
-
-
-def read_records(path: Path) -> list[dict]:
-    """The readable records of a metrics.jsonl (none if it does not exist)."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return records
-
-
-@dataclass
-class Run:
-    """Everything a run needs after setup; iter_num and best_val_loss advance as it trains."""
-
-    cfg: TrainConfig
-    device: torch.device
-    autocast: AbstractContextManager  # bf16/fp16 autocast, or a no-op for float32
-    data_dir: Path
-    meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
-    raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
-    model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
-    train_model: torch.nn.Module  # model, in DDP when there are several processes: training calls this
-    optimizers: list[torch.optim.Optimizer]  # AdamW, or Muon and AdamW
-    scaler: torch.amp.GradScaler  # active for float16 only
-    metrics: MetricsLog
-    stop_group: dist.ProcessGroup | None  # gloo group that agrees on stop signals
-    lock: BinaryIO | None  # held open: the lock on out_dir lasts as long as the run
-    local_steps: int  # micro-steps per iteration in this process
-    resumed: bool  # continuing the run in out_dir
-    iter_num: int = 0
-    best_val_loss: float = float("inf")
-
-
-def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup | None) -> Run:
-    """Data, model, optimizer and the state a resumed run continues from; prints what was set up."""
-    lock = lock_out_dir(Path(cfg.out_dir))
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else REPO_DIR / "data" / cfg.dataset
-    meta = load_meta(data_dir)
-    dtype = pick_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in float32
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    raw_model, checkpoint, cfg = init_model(cfg, meta)
-    check_data_fits(data_dir, meta, cfg.block_size)
-    model, train_model = parallelize(raw_model, cfg, device, dtype)
-    optimizers = raw_model.configure_optimizers(  # after sharding: they update this process's shards
-        cfg.weight_decay,
-        cfg.learning_rate,
-        (cfg.beta1, cfg.beta2),
-        device.type,
-        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
-        muon_momentum=cfg.muon_momentum,
-        muon_ns_steps=cfg.muon_ns_steps,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    resumed = cfg.init_from == "resume" and not cfg.eval_only
-    iter_num, best_val_loss = 0, float("inf")
-    if checkpoint is not None and (resumed or cfg.eval_only):
-        iter_num = checkpoint["iter_num"]
-    if resumed:
-        best_val_loss = restore_training_state(cfg, checkpoint, raw_model, optimizers, scaler)
-    del checkpoint  # the weights now live in the model and optimizer
-    # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
-    use_autocast = dtype != torch.float32 and cfg.parallelism != "fsdp"
-    run = Run(
-        cfg=cfg,
-        device=device,
-        autocast=torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext(),
-        data_dir=data_dir,
-        meta=meta,
-        raw_model=raw_model,
-        model=model,
-        train_model=train_model,
-        optimizers=optimizers,
-        scaler=scaler,
-        metrics=MetricsLog(cfg, keep_until=iter_num if resumed else math.inf if cfg.eval_only else None),
-        lock=lock,
-        stop_group=stop_group,
-        local_steps=cfg.gradient_accumulation_steps // world()[1],
-        resumed=resumed,
-        iter_num=iter_num,
-        best_val_loss=best_val_loss,
-    )
-    if not cfg.eval_only:
-        write_run_config(cfg)
-    print_setup(run, dtype)
-    return run
-
-
 def parallelize(
     raw_model: GPT, cfg: TrainConfig, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -551,51 +557,31 @@ def restore_training_state(
             f"the run in {cfg.out_dir} was trained with optimizer={saved!r}; resume it with that optimizer, "
             f"or start a new run from its weights with optimizer={cfg.optimizer!r}: --init_from={cfg.out_dir}"
         )
-    if "optimizer" in checkpoint:  # ckpt.pt: whole tensors, which set_optimizer_state_dict shards if needed
-        state, options = checkpoint["optimizer"], StateDictOptions(full_state_dict=True)
-    else:  # a sharded checkpoint: every process reads the parts its own shards need
-        state, options = get_optimizer_state_dict(raw_model, optimizers), None
-        load_sharded_state({"optimizer": state}, checkpoint["folder"])
-    scales = [[group["lr_scale"] for group in optimizer.param_groups] for optimizer in optimizers]
-    set_optimizer_state_dict(raw_model, optimizers, state, options=options)
-    for optimizer, group_scales in zip(optimizers, scales):  # this run's muon_lr, not the saved one
-        for group, scale in zip(optimizer.param_groups, group_scales):
-            group["lr_scale"] = scale
+    load_optimizer_state(checkpoint, raw_model, optimizers)
     if scaler.is_enabled() and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["best_val_loss"]
 
 
-def lock_out_dir(out_dir: Path) -> BinaryIO | None:
-    """Make this process the only run writing out_dir (rank 0; the others write nothing). The kernel
-    holds the lock for the open file, so a killed run never leaves it stuck; the file names our pid."""
+def open_metrics(cfg: TrainConfig, keep_until: float | None) -> MetricsLog:
+    """metrics.jsonl (and wandb, if asked) on rank 0; the other processes log nothing."""
     if world()[0] != 0:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out_dir / ".lock", "a+b")  # kept open for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        other = lock.read().decode().strip() or "?"
-        raise UserError(
-            f"{out_dir} is in use by another run (process {other}): wait for it to finish, stop it, "
-            "or choose another out_dir"
-        ) from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()).encode())
-    lock.flush()
-    for stale in out_dir.glob("*.tmp"):  # a run killed mid-save left it; with the lock, nobody writes it now
-        stale.unlink()
-    prune_checkpoints(out_dir)  # and the folder of a sharded save it did not finish
-    return lock
+        return MetricsLog(None, keep_until)
+    wandb_run = None
+    if cfg.wandb_log:
+        import wandb  # only when asked for: it is slow to import
+
+        wandb_run = wandb.init(
+            project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir
+        )
+    return MetricsLog(cfg.out_dir, keep_until, wandb_run)
 
 
 def write_run_config(cfg: TrainConfig) -> None:
     """out_dir/config.json: what --init_from=resume restores (rank 0)."""
     if world()[0] == 0:
         text = json.dumps(asdict(cfg), indent=2) + "\n"
-        atomic_write(Path(cfg.out_dir) / "config.json", lambda f: f.write(text.encode()))
+        atomic_write(Path(cfg.out_dir) / RUN_CONFIG_NAME, lambda f: f.write(text.encode()))
 
 
 def print_setup(run: Run, dtype: torch.dtype) -> None:
@@ -639,245 +625,62 @@ def tokens_per_iter(cfg: TrainConfig) -> int:
     return cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
 
-# --- the training loop ------------------------------------------------------------------------------
+# --- checks ---------------------------------------------------------------------------------------
 
 
-def train_loop(run: Run) -> int:
-    """Evaluate every eval_interval (saving when val loss improves), train an iteration, log every
-    log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
-    cfg = run.cfg
-    first_iter, stop_signal, loss_sum = run.iter_num, 0, None
-    show_bar = world()[0] == 0 and sys.stderr.isatty()
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not show_bar, dynamic_ncols=True)
-    clock = (time.time(), run.iter_num)  # when the last log line or evaluation ended, at which iteration
-    while True:
-        due = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
-        evaluated_before = run.resumed and run.iter_num == first_iter  # by the run that saved the checkpoint
-        if due and not evaluated_before:
-            val_loss = evaluate(run)  # None when a stop signal cut it short
-            if val_loss is not None and (val_loss < run.best_val_loss or cfg.always_save_checkpoint):
-                run.best_val_loss = min(run.best_val_loss, val_loss)
-                if run.iter_num > 0:
-                    save(run)
-            clock = (time.time(), run.iter_num)  # evaluation time is not training time
-        stop_signal = agreed_stop_signal(run.stop_group)
-        if run.iter_num >= cfg.max_iters or stop_signal:
-            break
-
-        lr = get_lr(run.iter_num, cfg)
-        loss_sum = train_step(run, lr)
-        run.iter_num += 1
-        bar.update()
-        if run.iter_num % cfg.log_interval == 0:
-            clock = log_progress(run, loss_sum, lr, clock, bar)
-    bar.close()
-
-    if cfg.eval_full and not stop_signal:
-        evaluate_full(run)
-        stop_signal = agreed_stop_signal(run.stop_group)
-    if stop_signal:
-        return save_and_stop(run, stop_signal, loss_sum)
-    return 0
-
-
-def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> int:
-    """Save where the run stands after a stop signal; returns the shell's exit code for that signal."""
-    if loss_sum is not None:  # never replace a good checkpoint with diverged weights
-        check_finite(global_loss(run, loss_sum), "the training loss", run.iter_num)
-    save(run)
-    print0(
-        f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved a checkpoint in "
-        f"{run.cfg.out_dir}; continue with: "
-        f"python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """Values no run can use, refused before any work (exit code 2)."""
+    at_least_1 = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters")
+    at_least_1 += ("eval_task_examples", "muon_ns_steps", "log_interval")
+    not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr")
+    not_negative += ("weight_decay", "grad_clip")
+    below_one = ("beta1", "beta2", "dropout", "muon_momentum")
+    check_values(
+        cfg,
+        dict.fromkeys(at_least_1, AT_LEAST_1)
+        | dict.fromkeys(not_negative, NOT_NEGATIVE)
+        | dict.fromkeys(below_one, BELOW_ONE),
     )
-    return 128 + stop_signal  # the run did not finish
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """AdamW's learning rate at iteration it (Muon's is muon_lr / learning_rate times it): a linear
-    warmup to learning_rate, then to min_lr at lr_decay_iters by a cosine decay, or by 'wsd': constant
-    until the last decay_frac of lr_decay_iters, then a linear decay; then min_lr."""
-    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, decay_iters * (1 - cfg.decay_frac))
-        if it < decay_start:
-            return cfg.learning_rate
-        return cfg.learning_rate + (cfg.min_lr - cfg.learning_rate) * (it - decay_start) / (
-            decay_iters - decay_start
+    task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
+    if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
+        raise ConfigError(
+            f"learning_rate and muon_lr must be positive, got {cfg.learning_rate}, {cfg.muon_lr}"
         )
-    progress = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    for key, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if not 0 < cfg.decay_frac <= 1:
+        raise ConfigError(f"decay_frac must be in (0, 1], got {cfg.decay_frac}")
+    check_parallelism(cfg, world_size)
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
 
 
-def train_step(run: Run, lr: float) -> torch.Tensor:
-    """One iteration: this process's micro-steps of forward and backward, then one optimizer step.
-    Returns the sum of its micro-step losses, left on the device (reading it waits for the device)."""
-    cfg, rank = run.cfg, world()[0]
-    for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
-        group["lr"] = lr * group["lr_scale"]
-    loss_sum = torch.zeros((), device=run.device)
-    for micro_step in range(run.local_steps):
-        rng = np.random.default_rng(
-            [cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step]
+def check_parallelism(cfg: TrainConfig, world_size: int) -> None:
+    """The ways of sharing the work among processes that this run's settings allow."""
+    if cfg.optimizer == "muon" and cfg.parallelism == "fsdp":
+        raise ConfigError(
+            "optimizer='muon' with parallelism='fsdp' is not supported: Muon orthogonalises each matrix, "
+            "and each process would orthogonalise only its shard; use ddp, or adamw"
         )
-        torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
-        x, y = get_batch(
-            run.data_dir / "train.bin", run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
+    if cfg.parallelism == "fsdp" and world_size == 1:
+        raise ConfigError(
+            "parallelism='fsdp' shards the model over the processes torchrun starts; in one process "
+            "use the default (ddp), or start several: torchrun --nproc_per_node=N train.py ..."
         )
-        # Gradients are averaged across processes only in the last micro-step's backward.
-        sync_now = micro_step == run.local_steps - 1 or not isinstance(run.train_model, DDP)
-        with nullcontext() if sync_now else run.train_model.no_sync():
-            with run.autocast:
-                loss = run.train_model(x, y)[1]  # not holding the logits frees them before backward
-            run.scaler.scale(loss / run.local_steps).backward()
-        loss_sum += loss.detach()
-    if cfg.grad_clip > 0:
-        for optimizer in run.optimizers:
-            run.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
-    for optimizer in run.optimizers:
-        run.scaler.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    run.scaler.update()
-    return loss_sum
-
-
-def global_loss(run: Run, loss_sum: torch.Tensor) -> float:
-    """An iteration's mean micro-step loss over all processes (waits for the device)."""
-    return all_reduce_sum(loss_sum / run.local_steps).item() / world()[1]
-
-
-def log_progress(
-    run: Run, loss_sum: torch.Tensor, lr: float, since: tuple[float, int], bar: tqdm
-) -> tuple[float, int]:
-    """Log the last iteration's loss and the speed since `since` (time, iteration); returns the new clock."""
-    loss = global_loss(run, loss_sum)  # waits for the device, so the time below is real
-    check_finite(loss, "the training loss", run.iter_num)
-    now = time.time()
-    dt = (now - since[0]) / (run.iter_num - since[1])
-    tokens_per_s = tokens_per_iter(run.cfg) / dt
-    peak = datasheet_peak_flops(run.device)
-    # Per device: this process's tokens against one device's peak.
-    mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
-    print0(
-        f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-        f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
-    )
-    record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
-    run.metrics.write({"iter": run.iter_num, **record})
-    bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
-    return now, run.iter_num
-
-
-def check_finite(loss: float, what: str, iter_num: int) -> None:
-    if not math.isfinite(loss):
-        raise UserError(
-            f"{what} is {loss} at iter {iter_num}: training diverged, so it stops here and the last good "
-            "checkpoint is left as it was. Try a lower learning_rate, a longer warmup_iters or grad_clip"
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
+            f"{world_size} processes and must be a multiple of {world_size}"
         )
 
 
-def save(run: Run) -> None:
-    """The run's checkpoint in out_dir: ckpt.pt written by rank 0 (every process holds the same
-    weights), or a sharded checkpoint written by every process at once (fsdp)."""
-    out_dir = Path(run.cfg.out_dir)
-    meta = {
-        "model_args": asdict(run.raw_model.config),
-        "iter_num": run.iter_num,
-        "best_val_loss": run.best_val_loss,
-        "config": asdict(run.cfg),
-        "tokenizer": tokenizer_entry(run.meta),
-        "scaler": run.scaler.state_dict(),
-    }
-    if run.cfg.parallelism == "fsdp":
-        model_state, optimizer_state = get_state_dict(run.raw_model, run.optimizers)
-        save_sharded_checkpoint(
-            {"model": model_state, "optimizer": optimizer_state}, meta, out_dir, run.iter_num
-        )
-    elif world()[0] == 0:
-        optimizer_state = get_optimizer_state_dict(run.raw_model, run.optimizers)  # keyed by parameter name
-        save_checkpoint(
-            {**meta, "model": run.raw_model.state_dict(), "optimizer": optimizer_state}, out_dir / CKPT_NAME
-        )
-        prune_checkpoints(out_dir)
-
-
-# --- evaluation -------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def estimate_loss(run: Run) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split, shared out among the processes. The batches
-    are the same at every evaluation, so successive evaluations differ only by the model."""
-    cfg, (rank, world_size) = run.cfg, world()
-    run.model.eval()
-    losses = {}
-    for split_index, split in enumerate(("train", "val")):
-        total = torch.zeros((), device=run.device)
-        # Every process runs as many batches (a sharded model's forward is collective); a stop signal
-        # ends them all at the same batch, and the caller discards the evaluation.
-        for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
-            if agreed_stop_signal(run.stop_group):
-                break
-            rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
-            path = run.data_dir / f"{split}.bin"
-            x, y = get_batch(path, run.meta["dtype"], rng, cfg.batch_size, cfg.block_size, run.device)
-            with run.autocast:
-                _, loss = run.model(x, y)
-            if k < cfg.eval_iters:  # the others only keep the processes in step
-                total += loss.float()
-        losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
-    run.model.train()
-    return losses
-
-
-def evaluate(run: Run) -> float | None:
-    """Estimate, print and log the train and val losses; returns the val loss, which must be finite,
-    or None if a stop signal on any process cut the evaluation short."""
-    cfg, losses, scores = run.cfg, estimate_loss(run), {}
-    if cfg.eval_tasks:  # the raw model: every batch of choices has its own length, too many to compile
-        tokenizer, examples = get_tokenizer(run.meta), cfg.eval_task_examples
-        args = (cfg.eval_tasks, examples, cfg.batch_size, run.device, run.autocast)
-        scores = task_scores(run.raw_model, tokenizer, *args)
-    if agreed_stop_signal(run.stop_group):
-        return None
-    shown = "".join(f", {name} {value:.4f}" for name, value in scores.items())
-    print0(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{shown}")
-    run.metrics.write(
-        {"iter": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"], **scores}
-    )
-    check_finite(losses["val"], "the val loss", run.iter_num)
-    return losses["val"]
-
-
-def evaluate_full(run: Run) -> None:
-    """The loss over the whole val split, every token once: the number to compare runs by."""
-    t0 = time.time()
-    val_tokens = np.memmap(run.data_dir / "val.bin", dtype=run.meta["dtype"], mode="r")
-    cfg = run.cfg
-    loss = full_val_loss(
-        run.model, val_tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast, run.stop_group
-    )
-    if agreed_stop_signal(run.stop_group):  # cut short: not a result
-        return
-    print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
-    run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
-
-
-def evaluate_only(run: Run) -> int:
-    """eval_only: evaluate the model init_from gives, without training or saving."""
-    evaluate(run)
-    if run.cfg.eval_full:
-        evaluate_full(run)
-    stop_signal = agreed_stop_signal(run.stop_group)
-    return 128 + stop_signal if stop_signal else 0
-
-
-# --- signals, processes, entry point ----------------------------------------------------------------
+# --- signals and the command line -----------------------------------------------------------------
 
 
 def request_stop(signum: int, frame) -> None:
@@ -903,38 +706,13 @@ def agreed_stop_signal(group: dist.ProcessGroup | None) -> int:
     return int(flag)
 
 
-def train(cfg: TrainConfig) -> int:
-    """Train (or, with eval_only, evaluate) as cfg says; returns the process exit code."""
-    global _stop_signal
-    _stop_signal = 0
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    distributed = "RANK" in os.environ  # started by torchrun
-    try:
-        device = pick_device(cfg.device, int(os.environ["LOCAL_RANK"]) if distributed else None)
-        stop_group = None
-        if distributed:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            stop_group = dist.new_group(backend="gloo")
-        check_config(cfg, world()[1])
-        run = setup(cfg, device, stop_group)
-        code = evaluate_only(run) if cfg.eval_only else train_loop(run)
-        if distributed:
-            dist.barrier()  # all done with collectives: destroying the group while one is busy can abort
-        return code
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def read_config(argv: list[str] | None) -> TrainConfig:
     """The config the command line gives. With --init_from=resume it starts from the run's own
     out_dir/config.json, so `train.py --out_dir=X --init_from=resume` alone continues the run; the
     command line's files and flags still apply on top."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])
-    saved = Path(cfg.out_dir) / "config.json"
+    saved = Path(cfg.out_dir) / RUN_CONFIG_NAME
     if cfg.init_from != "resume" or not saved.is_file():
         return cfg
     resumed = parse_config(TrainConfig(), [str(saved), *argv])

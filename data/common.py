@@ -1,11 +1,5 @@
-"""Data preparation shared by the prepare scripts: the token-file format and meta.json, downloads,
-text inputs.
-
-A prepared data set is a folder holding
-  train.bin, val.bin  flat arrays of token ids (dtype from meta.json), read with np.memmap
-  meta.json           the tokenizer, vocab_size, dtype and token counts; written last, so its
-                      presence means the set is complete
-"""
+"""Data preparation shared by the prepare scripts: writing a prepared set (its format and names are
+dataset.py's, which reads it), downloads, text inputs."""
 
 import argparse
 import json
@@ -16,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset import META_NAME, SPLITS, token_file
 from runtime import PathLike, UserError, atomic_write
 
-SPLITS = ("train", "val")
-META_NAME = "meta.json"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -61,7 +54,7 @@ class TokenSetWriter:
         self._committed = False
 
     def _tmp_path(self, split: str) -> Path:
-        return self.out_dir / f"{split}.bin.tmp"
+        return token_file(self.out_dir, split).with_suffix(".bin.tmp")
 
     def __enter__(self) -> "TokenSetWriter":
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +82,7 @@ class TokenSetWriter:
         }
         (self.out_dir / META_NAME).unlink(missing_ok=True)  # from here on the old set reads as incomplete
         for split in SPLITS:
-            os.replace(self._tmp_path(split), self.out_dir / f"{split}.bin")
+            os.replace(self._tmp_path(split), token_file(self.out_dir, split))
         write_meta(self.out_dir, meta)
         self._committed = True
         return meta

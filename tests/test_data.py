@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from data.common import TokenSetWriter, dtype_for_vocab
+from dataset import load_meta
 from runtime import UserError
 from tokenizer import get_tokenizer, tokenizer_entry
-from train import load_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE_URL = "http://127.0.0.1:9/input.txt"  # the discard port: refused at once, no network touched

@@ -23,6 +23,8 @@ import torch
 from conftest import REPO_ROOT
 
 import convert
+import dataset
+import metrics
 import sample
 import train
 from checkpoint import CKPT_NAME, save_checkpoint
@@ -111,7 +113,7 @@ def fail_with(error: int, target: str) -> Callable[[pytest.MonkeyPatch], None]:
         elif target == "mkdir":
             monkeypatch.setattr(pathlib.Path, "mkdir", raise_error)
         elif target == "metrics":
-            monkeypatch.setattr(train.MetricsLog, "write", raise_error)
+            monkeypatch.setattr(metrics.MetricsLog, "write", raise_error)
 
     return inject
 
@@ -543,8 +545,7 @@ def test_the_table_covers_every_cli_with_at_least_40_cases():
 
 
 def test_a_failed_metrics_write_leaves_no_torn_line(tmp_path, monkeypatch):
-    cfg = train.TrainConfig(out_dir=str(tmp_path))
-    log = train.MetricsLog(cfg, keep_until=None)
+    log = metrics.MetricsLog(str(tmp_path), keep_until=None)
     log.write({"iter": 1, "loss": 2.0})
     real_open = Path.open
 
@@ -585,4 +586,4 @@ def test_a_bin_file_of_the_wrong_dtype_size_is_refused(tmp_path):
     (tmp_path / "train.bin").write_bytes(np.arange(3, dtype=np.uint32).tobytes())  # 12 bytes, not 6
     (tmp_path / "val.bin").write_bytes(np.arange(1, dtype=np.uint16).tobytes())
     with pytest.raises(train.UserError, match="holds 6 tokens but meta.json says 3"):
-        train.load_meta(tmp_path)
+        dataset.load_meta(tmp_path)

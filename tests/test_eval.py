@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from conftest import TORCHRUN
 
 import eval
+import loss_eval
+import tasks
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, load_model_and_tokenizer, save_checkpoint
 from model import GPT, GPTConfig
@@ -47,7 +49,7 @@ def overfit_run(char_data, tmp_path_factory) -> Path:
     meta = json.loads((char_data / "meta.json").read_text())
     tokenizer = get_tokenizer(meta)
     config = GPTConfig(vocab_size=meta["vocab_size"], block_size=64, n_layer=2, n_head=2, n_embd=32)
-    texts = [ex.context + " " + ex.choices[ex.label] for ex in eval.load_task(str(TASK))]
+    texts = [ex.context + " " + ex.choices[ex.label] for ex in tasks.load_task(str(TASK))]
     windows = [tokenizer.encode(text)[-(config.block_size + 1) :] for text in texts]  # as the scorer cuts
     x = torch.zeros(len(windows), config.block_size, dtype=torch.long)
     y = torch.full_like(x, -1)
@@ -83,7 +85,7 @@ def run_eval(*flags: str) -> int:
 
 
 def task_chars() -> list[str]:
-    return sorted({ch for ex in eval.load_task(str(TASK)) for ch in ex.context + " " + "".join(ex.choices)})
+    return sorted({ch for ex in tasks.load_task(str(TASK)) for ch in ex.context + " " + "".join(ex.choices)})
 
 
 def random_model(vocab_size: int, block_size: int, seed: int) -> GPT:
@@ -102,7 +104,7 @@ def test_bits_per_byte_of_a_uniform_char_model_is_the_hand_computed_value():
     for p in model.parameters():
         torch.nn.init.zeros_(p)  # every logit 0: each of the 10 predicted characters costs log2(9) bits
     tokens = np.array(tokenizer.encode(text), dtype=np.uint16)
-    bpb, n_bytes = eval.bits_per_byte(model, tokenizer, tokens, batch_size=2, device=CPU)
+    bpb, n_bytes = loss_eval.bits_per_byte(model, tokenizer, tokens, batch_size=2, device=CPU)
     assert n_bytes == 12  # "éllo wörld": 10 characters, two of them two bytes long
     assert bpb == pytest.approx(10 * math.log2(9) / 12, rel=1e-7)  # model.py's loss is float32
 
@@ -114,7 +116,7 @@ def test_bits_per_byte_of_a_uniform_bpe_model_counts_the_bytes_its_tokens_decode
     model = GPT(GPTConfig(vocab_size=50257, block_size=8, n_layer=1, n_head=2, n_embd=8)).double()
     for p in model.parameters():
         torch.nn.init.zeros_(p)
-    bpb, n_bytes = eval.bits_per_byte(model, tokenizer, tokens, batch_size=2, device=CPU)
+    bpb, n_bytes = loss_eval.bits_per_byte(model, tokenizer, tokens, batch_size=2, device=CPU)
     first_token_bytes = len(tokenizer.decode_bytes(tokens[:1].tolist()))
     assert n_bytes == len(text.encode("utf-8")) - first_token_bytes
     assert bpb == pytest.approx((len(tokens) - 1) * math.log2(50257) / n_bytes, rel=1e-7)
@@ -131,7 +133,7 @@ def test_bits_per_byte_equals_the_summed_log2_probabilities_of_a_random_model():
         logits, _ = model(window[:, :-1], window[:, 1:])
         logp = F.log_softmax(logits[0], dim=-1)
         bits -= logp[torch.arange(window.size(1) - 1), window[0, 1:]].sum().item() / math.log(2)
-    bpb, _ = eval.bits_per_byte(model, tokenizer, tokens, batch_size=3, device=CPU)
+    bpb, _ = loss_eval.bits_per_byte(model, tokenizer, tokens, batch_size=3, device=CPU)
     assert bpb == pytest.approx(bits / len(text[1:].encode("utf-8")), rel=1e-6)  # float32 loss
 
 
@@ -149,12 +151,12 @@ def direct_logprob(model: GPT, tokenizer: CharTokenizer, context: str, continuat
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_scorer_ranks_choices_exactly_as_direct_per_choice_sums_in_any_batch_size(seed):
-    examples = eval.load_task(str(TASK))
+    examples = tasks.load_task(str(TASK))
     tokenizer = CharTokenizer(task_chars())
     model = random_model(tokenizer.vocab_size, block_size=32, seed=seed)  # one context is 166 characters
     direct = [[direct_logprob(model, tokenizer, ex.context, " " + c) for c in ex.choices] for ex in examples]
     for batch_size in (1, 3, 64):
-        scores = eval.choice_scores(model, tokenizer, examples, batch_size, CPU)
+        scores = tasks.choice_scores(model, tokenizer, examples, batch_size, CPU)
         assert all(np.allclose(s, d, rtol=0, atol=1e-9) for s, d in zip(scores, direct))
         assert [np.argsort(s).tolist() for s in scores] == [np.argsort(d).tolist() for d in direct]
 
@@ -162,20 +164,20 @@ def test_scorer_ranks_choices_exactly_as_direct_per_choice_sums_in_any_batch_siz
 def test_a_context_longer_than_block_size_keeps_its_end_and_the_whole_continuation():
     tokenizer = CharTokenizer(task_chars())
     model = random_model(tokenizer.vocab_size, block_size=32, seed=5)
-    long = next(ex for ex in eval.load_task(str(TASK)) if len(ex.context) > 100)
+    long = next(ex for ex in tasks.load_task(str(TASK)) if len(ex.context) > 100)
     assert [len(c) for c in long.choices] == [5, 7]
-    scores = eval.choice_scores(model, tokenizer, [long], 8, CPU)[0]
+    scores = tasks.choice_scores(model, tokenizer, [long], 8, CPU)[0]
     for choice, score in zip(long.choices, scores):
         kept = 32 + 1 - len(" " + choice)  # the window: block_size inputs and the last token predicted
-        cut = eval.Example(long.context[-kept:], (choice, choice), 0)
-        assert eval.choice_scores(model, tokenizer, [cut], 8, CPU)[0][0] == pytest.approx(score, abs=1e-12)
+        cut = tasks.Example(long.context[-kept:], (choice, choice), 0)
+        assert tasks.choice_scores(model, tokenizer, [cut], 8, CPU)[0][0] == pytest.approx(score, abs=1e-12)
 
 
 def test_trailing_whitespace_of_a_context_moves_to_the_continuation_as_in_lm_eval():
     tokenizer = CharTokenizer(task_chars())
     model = random_model(tokenizer.vocab_size, block_size=32, seed=6)
-    spaced = eval.Example("All the world's a ", ("stage,", "spoon,"), 0)
-    scores = eval.choice_scores(model, tokenizer, [spaced], 2, CPU)[0]
+    spaced = tasks.Example("All the world's a ", ("stage,", "spoon,"), 0)
+    scores = tasks.choice_scores(model, tokenizer, [spaced], 2, CPU)[0]
     assert scores == pytest.approx(
         [direct_logprob(model, tokenizer, "All the world's a", "  " + c) for c in spaced.choices]
     )
@@ -183,11 +185,11 @@ def test_trailing_whitespace_of_a_context_moves_to_the_continuation_as_in_lm_eva
 
 def test_acc_norm_divides_by_the_choice_length_in_characters():
     """A scorer whose sums favour the short wrong choice, but not per character."""
-    example = eval.Example("Now is the winter of our", ("discontent.", "tea."), 0)
+    example = tasks.Example("Now is the winter of our", ("discontent.", "tea."), 0)
     sums = [-11.0, -6.0]  # -1.0 per character against -1.5
-    assert eval.best(sums) == 1
-    assert eval.best([s / len(c) for s, c in zip(sums, example.choices)]) == 0
-    assert eval.best([-1.0, -1.0]) == 0  # a tie goes to the first, as numpy's argmax
+    assert tasks.best(sums) == 1
+    assert tasks.best([s / len(c) for s, c in zip(sums, example.choices)]) == 0
+    assert tasks.best([-1.0, -1.0]) == 0  # a tie goes to the first, as numpy's argmax
 
 
 def test_tiny_overfit_model_gets_every_hand_made_example_right(overfit_run, capsys):
@@ -277,31 +279,31 @@ def test_hellaswag_is_downloaded_once_and_prepared_as_lm_eval_prepares_it(tmp_pa
     source = tmp_path / "source" / "hellaswag_val.jsonl"
     source.parent.mkdir()
     source.write_text("".join(json.dumps(line) + "\n" for line in HELLASWAG_LINES))
-    monkeypatch.setattr(eval, "TASK_DIR", tmp_path / "tasks")
-    monkeypatch.setattr(eval, "HELLASWAG_URL", source.as_uri())  # file://: urllib's download path, offline
+    monkeypatch.setattr(tasks, "TASK_DIR", tmp_path / "tasks")
+    monkeypatch.setattr(tasks, "HELLASWAG_URL", source.as_uri())  # file://: urllib's download path, offline
     expected = [
-        eval.Example(
+        tasks.Example(
             "Home and Garden: How to grow basil. Choose a sunny spot. Basil needs six hours of sun",
             (" Water it daily.", "a day.", " Paint the pot.", "and sing."),
             0,
         ),
-        eval.Example(
+        tasks.Example(
             "Rope skipping: A girl holds a rope. She",
             ("jumps over it.", "eats it.", "sells it.", "paints it."),
             0,
         ),
     ]
-    assert eval.load_task("hellaswag") == expected
+    assert tasks.load_task("hellaswag") == expected
     assert (tmp_path / "tasks" / "hellaswag_val.jsonl").read_bytes() == source.read_bytes()
     source.unlink()  # from the cache now, no second download
-    assert eval.load_task("hellaswag", max_examples=1) == expected[:1]
+    assert tasks.load_task("hellaswag", max_examples=1) == expected[:1]
 
 
 def test_a_failed_hellaswag_download_says_how_to_work_offline(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval, "TASK_DIR", tmp_path / "tasks")
-    monkeypatch.setattr(eval, "HELLASWAG_URL", (tmp_path / "missing.jsonl").as_uri())
+    monkeypatch.setattr(tasks, "TASK_DIR", tmp_path / "tasks")
+    monkeypatch.setattr(tasks, "HELLASWAG_URL", (tmp_path / "missing.jsonl").as_uri())
     with pytest.raises(UserError, match=r"could not download .* copy hellaswag_val.jsonl .* into .*tasks"):
-        eval.load_task("hellaswag")
+        tasks.load_task("hellaswag")
     assert not (tmp_path / "tasks" / "hellaswag_val.jsonl").exists()
 
 
@@ -440,25 +442,25 @@ def test_lm_eval_scores_our_export_as_eval_py_does(overfit_run, lines_task, tmp_
     hf_dir = tmp_path / "hf"
     convert.export_hf(overfit_run, hf_dir)
     model, tokenizer, checkpoint = load_model_and_tokenizer(overfit_run)
-    tasks = {"tiny_task": TASK, "lines": lines_task}
+    task_files = {"tiny_task": TASK, "lines": lines_task}
     (tmp_path / "tasks").mkdir()
-    for name, path in tasks.items():
+    for name, path in task_files.items():
         (tmp_path / "tasks" / f"{name}.yaml").write_text(LM_EVAL_TASK.format(name=name, path=path))
 
     lm = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=8, dtype="float32")
     task_manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
-    theirs = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, bootstrap_iters=0)
+    theirs = simple_evaluate(model=lm, tasks=list(task_files), task_manager=task_manager, bootstrap_iters=0)
 
-    for name, path in tasks.items():
-        examples = eval.load_task(str(path))
-        ours = eval.choice_scores(model, tokenizer, examples, 4, CPU)
+    for name, path in task_files.items():
+        examples = tasks.load_task(str(path))
+        ours = tasks.choice_scores(model, tokenizer, examples, 4, CPU)
         samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
         assert len(samples) == len(examples)
         for example, scores, sample in zip(examples, ours, samples):
             assert scores == pytest.approx([ll for ll, _ in sample["filtered_resps"]], abs=1e-4)
             per_char = [s / len(c) for s, c in zip(scores, example.choices)]
-            assert sample["acc"] == float(eval.best(scores) == example.label)
-            assert sample["acc_norm"] == float(eval.best(per_char) == example.label)
-        accuracy = eval.accuracy(model, tokenizer, examples, 4, CPU)
+            assert sample["acc"] == float(tasks.best(scores) == example.label)
+            assert sample["acc_norm"] == float(tasks.best(per_char) == example.label)
+        accuracy = tasks.accuracy(model, tokenizer, examples, 4, CPU)
         assert theirs["results"][name]["acc,none"] == pytest.approx(accuracy["acc"], abs=1e-12)
         assert theirs["results"][name]["acc_norm,none"] == pytest.approx(accuracy["acc_norm"], abs=1e-12)

@@ -24,6 +24,7 @@ from conftest import TORCHRUN
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import parse_config
+from loss_eval import full_val_loss
 from model import GPT, GPTConfig, Muon, newton_schulz
 from tokenizer import get_tokenizer
 
@@ -324,7 +325,7 @@ def test_full_val_loss_predicts_every_token_exactly_once():
             logits, _ = model(chunk[:, :-1], chunk[:, 1:])
             total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
     expected = total / (len(tokens) - 1)
-    assert train.full_val_loss(model, tokens, 8, 5, torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
+    assert full_val_loss(model, tokens, 8, 5, torch.device("cpu")) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bfloat16_autocast_on_cpu_trains_with_finite_loss(char_data, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import META_NAME
+from dataset import META_NAME
 from tokenizer import load_tiktoken
 
 PREPARE = Path(__file__).resolve().parent / "prepare.py"

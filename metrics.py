@@ -1,0 +1,67 @@
+"""out_dir/metrics.jsonl: one JSON record per line, each with the iteration it belongs to ("iter") and
+the seconds since the writing process started ("elapsed_s"). Written by train.py (MetricsLog), read
+by train.py (resume), plot.py and race.py (read_records)."""
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+from runtime import atomic_write
+
+METRICS_NAME = "metrics.jsonl"
+STARTED = time.time()  # records carry the wall time since this process started
+
+
+def metrics_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / METRICS_NAME
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """(the records of a metrics.jsonl, how many non-empty lines were unreadable); none if the file does
+    not exist. A line cut short by a crash, or by a run still writing, is such a line."""
+    records, skipped = [], 0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            skipped += line.strip() != ""
+    return records, skipped
+
+
+class MetricsLog:
+    """Appends records to out_dir/metrics.jsonl, and to a wandb run when given one.
+
+    keep_until=None starts a new log; an iteration keeps the records up to it (a resumed run drops
+    what the interrupted one logged past its checkpoint, so no iteration appears twice) and drops a
+    line cut short by a crash. A record is written whole or not at all, even on a full disk. out_dir
+    None: a log that writes nothing, for the processes other than rank 0."""
+
+    def __init__(self, out_dir: str | None, keep_until: float | None, wandb_run=None):
+        self.path, self.wandb_run = None if out_dir is None else metrics_path(out_dir), wandb_run
+        if self.path is None:
+            return
+        records = read_records(self.path)[0] if keep_until is not None else []
+        kept = [record for record in records if record["iter"] <= keep_until]
+        lines = "".join(json.dumps(record) + "\n" for record in kept)
+        atomic_write(self.path, lambda f: f.write(lines.encode()))
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        record = {**record, "elapsed_s": round(time.time() - STARTED, 3)}
+        line = (json.dumps(record) + "\n").encode()
+        with self.path.open("ab", buffering=0) as f:  # unbuffered: one write call, or an error
+            end = f.seek(0, os.SEEK_END)
+            try:
+                if f.write(line) != len(line):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            except OSError as e:
+                f.truncate(end)  # no torn line that would swallow the next record
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
+                step=record["iter"],
+            )
