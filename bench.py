@@ -35,6 +35,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import parse_config
 from eval import continuation_logprobs
 from model import GPT, GPTConfig, sample_next_token
+from optim import make_optimizers
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
 from sample import COMPILE_MIN_TOKENS, compile_decode_step
 from train import TrainConfig, model_config
@@ -178,7 +179,7 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
 
 def our_train_step(model: GPT, x: torch.Tensor, autocast) -> tuple[Callable[[], None], torch.optim.AdamW]:
     """One forward + backward + AdamW step of our model on the batch x, and its optimizer."""
-    (optimizer,) = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
+    (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), x.device.type)
 
     def step() -> None:
         with autocast():

@@ -327,57 +327,31 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float],
-        device_type: str,
-        muon_lr: float | None = None,
-        muon_momentum: float = 0.95,
-        muon_ns_steps: int = 5,
-    ) -> list[torch.optim.Optimizer]:
-        """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains or biases.
-        With muon_lr: Muon (no weight decay) for the 2-D matrices inside the blocks - the attention and
-        MLP projections, each part of a fused q|k|v or gate|up matrix orthogonalised on its own - and
-        AdamW for the rest. Each param group carries lr_scale: its learning rate over learning_rate."""
+    def param_groups(self, weight_decay: float, muon: bool) -> tuple[list[dict], list[dict]]:
+        """Parameter groups for AdamW and for Muon (optim.make_optimizers). AdamW's: weight decay on
+        matrices (embeddings, projections) only, not on norm gains or biases. With muon, Muon's take the
+        2-D matrices inside the blocks - the attention and MLP projections - one group per way of
+        splitting them: "parts", the row counts of the matrices fused into each (q|k|v, gate|up), or
+        None for a whole one (wo, down)."""
         params = [p for p in self.parameters() if p.requires_grad]
         in_blocks = {id(p) for p in self.layers.parameters()}
-        muon_params = [p for p in params if p.dim() == 2 and id(p) in in_blocks] if muon_lr else []
-        adamw_params = [p for p in params if id(p) not in {id(q) for q in muon_params}]
-        groups = [
-            {
-                "params": [p for p in adamw_params if p.dim() >= 2],
-                "weight_decay": weight_decay,
-                "lr_scale": 1.0,
-            },
-            {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+        muon_params = [p for p in params if p.dim() == 2 and id(p) in in_blocks] if muon else []
+        muon_ids = {id(p) for p in muon_params}
+        adamw_params = [p for p in params if id(p) not in muon_ids]
+        adamw_groups = [
+            {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # The fused kernel updates every tensor in one pass instead of several ops per tensor: a few launches
-        # on CUDA; on CPU a 3-5x faster step than the default loop (12.6M parameters: 40 -> 11 ms).
-        fused = device_type in ("cuda", "cpu")
-        optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # q, k, v (and gate, up) are orthogonalised apart, as if unfused: measured better than whole.
+        cfg = self.config
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        parts_of = {id(b.attn.wqkv.weight): (q, kv, kv) for b in self.layers}
+        parts_of |= {id(b.mlp.gate_up.weight): (cfg.intermediate_size,) * 2 for b in self.layers}
+        muon_groups = [
+            {"params": [p for p in muon_params if parts_of.get(id(p)) == parts], "parts": parts}
+            for parts in dict.fromkeys(parts_of.get(id(p)) for p in muon_params)
         ]
-        if muon_params:
-            # q, k, v (and gate, up) are orthogonalised apart, as if unfused: measured better than whole.
-            cfg = self.config
-            q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-            parts_of = {id(b.attn.wqkv.weight): (q, kv, kv) for b in self.layers}  # row counts of the parts
-            parts_of |= {id(b.mlp.gate_up.weight): (cfg.intermediate_size,) * 2 for b in self.layers}
-            muon_groups = [  # one group per way of splitting: None = whole (wo, down)
-                {
-                    "params": [p for p in muon_params if parts_of.get(id(p)) == parts],
-                    "parts": parts,
-                    "lr_scale": muon_lr / learning_rate,
-                }
-                for parts in dict.fromkeys(parts_of.get(id(p)) for p in muon_params)
-            ]
-            muon = Muon(
-                muon_groups, lr=muon_lr, weight_decay=0.0, momentum=muon_momentum, ns_steps=muon_ns_steps
-            )
-            optimizers.insert(0, muon)
-        return optimizers
+        return adamw_groups, muon_groups
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over seq_len positions."""
@@ -499,54 +473,3 @@ def sample_next_token(
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon (Nesterov momentum, then Newton-Schulz orthogonalisation of each matrix's
-    update, scaled by sqrt(max(1, rows / cols)) as in the speed runs), with two changes:
-    - float32 Newton-Schulz off CUDA: torch's runs in bfloat16, and a CPU without native bf16
-      multiplies bf16 matrices ~100x slower than float32 ones;
-    - a group may give "parts", the row counts of the matrices fused into each of its parameters
-      (q|k|v, gate|up): each part is orthogonalised on its own, as if the projections were apart.
-    Matrices of one shape go through Newton-Schulz together, in one batched pass."""
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # torch's optimizers take a closure; Muon needs none
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            pairs = []  # (part of a weight, its update)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                p.mul_(1 - lr * group["weight_decay"])
-                rows = group.get("parts") or p.size(0)
-                pairs += zip(p.split(rows), update.split(rows))
-            for shape in dict.fromkeys(update.shape for _, update in pairs):
-                same = [(weight, update) for weight, update in pairs if update.shape == shape]
-                orthogonal = newton_schulz(
-                    torch.stack([update for _, update in same]),
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                )
-                for (weight, _), update in zip(same, orthogonal):
-                    weight.add_(update.to(weight.dtype), alpha=-lr * max(1, shape[0] / shape[1]) ** 0.5)
-
-
-def newton_schulz(
-    G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
-) -> torch.Tensor:
-    """Matrices G (N, rows, cols) -> U S' V^T where G = U S V^T and S' has entries near 1 (roughly 0.5 to
-    1.5 with the speed runs' quintic coefficients, which trade exactness for fewer steps)."""
-    a, b, c = coefficients
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    wide = X.size(-2) <= X.size(-1)
-    X = X if wide else X.mT  # iterate on the smaller Gram matrix X X^T
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = X @ X.mT  # (N, small, small)
-        X = a * X + (b * gram + c * gram @ gram) @ X
-    return X if wide else X.mT

@@ -52,6 +52,7 @@ from checkpoint import (
 from configurator import parse_config
 from eval import task_names, task_scores
 from model import GPT, GPTConfig
+from optim import make_optimizers
 from runtime import (
     ConfigError,
     UserError,
@@ -460,7 +461,8 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
     model, train_model = parallelize(raw_model, cfg, device, dtype)
-    optimizers = raw_model.configure_optimizers(  # after sharding: they update this process's shards
+    optimizers = make_optimizers(  # after sharding: they update this process's shards
+        raw_model,
         cfg.weight_decay,
         cfg.learning_rate,
         (cfg.beta1, cfg.beta2),

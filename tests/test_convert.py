@@ -25,6 +25,7 @@ from checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from model import GPT, GPTConfig  # noqa: E402
+from optim import make_optimizers  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +107,8 @@ def train_and_save(
     config = GPTConfig(**{**shape, "rope_theta": 5000.0, "tie_embeddings": tie, **options})
     torch.manual_seed(0)
     model = GPT(config)
-    (optimizer,) = model.configure_optimizers(
-        weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
+    (optimizer,) = make_optimizers(
+        model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
     )
     successor = torch.randperm(vocab_size)
     for _ in range(steps):

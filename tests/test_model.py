@@ -6,6 +6,7 @@ from conftest import random_model
 
 from bench import generate_without_cache
 from model import GPT, GPTConfig, KVCache, filter_logits, rope_tables, sample_next_token
+from optim import make_optimizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -267,7 +268,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_kv_head=1, block_size=16)
     model = GPT(config)
-    (optimizer,) = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    (optimizer,) = make_optimizers(model, 0.0, 3e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, config.vocab_size, (4, 16))
     y = torch.roll(x, -1, dims=1)
     for step in range(300):  # noqa: B007 (the message below reports it)
@@ -335,7 +336,7 @@ def test_mlp_size_is_derived_llama_style():
 def test_weight_decay_only_on_matrices_and_init_scales_residual_projections():
     config = tiny_config(n_layer=8, n_embd=128)
     model = GPT(config)
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")[0].param_groups
+    decay, no_decay = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")[0].param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
