@@ -34,10 +34,10 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import parse_config
 from eval import continuation_logprobs
-from model import GPT, GPTConfig, sample_next_token
+from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate, generate_tokens, sample_next_token
+from model import GPT, GPTConfig
 from optim import make_optimizers
 from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
-from sample import COMPILE_MIN_TOKENS, compile_decode_step
 from train import TrainConfig, model_config
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -340,8 +340,8 @@ def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast)
         def ours(compile: bool) -> Callable[[], None]:
             def run() -> None:
                 with autocast():
-                    outputs["compiled" if compile else "eager"] = model.generate(
-                        prompt, preset.new_tokens, temperature=0, compile=compile
+                    outputs["compiled" if compile else "eager"] = generate(
+                        model, prompt, preset.new_tokens, temperature=0, compile=compile
                     )
 
             return run
@@ -359,11 +359,11 @@ def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast)
 
         def our_first_token() -> None:
             with autocast():
-                next(model.generate_tokens(prompt, preset.new_tokens, temperature=0))
+                next(generate_tokens(model, prompt, preset.new_tokens, temperature=0))
 
         with autocast():  # compiles for this batch size; then the timed calls reuse the graph
             results[f"compile_s_batch{batch}"] = compile_decode_step(
-                model.generate_tokens(prompt, preset.new_tokens, temperature=0, compile=True)
+                generate_tokens(model, prompt, preset.new_tokens, temperature=0, compile=True)
             )
         read_rate, model_read_rate = measure_read_rate(one_matrix), measure_read_rate(matrices)
         dt_compiled, dt_eager, dt_peer = median_times(
@@ -401,7 +401,7 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
         def cached(compile: bool) -> Callable[[], None]:
             def run() -> None:
                 with autocast():
-                    model.generate(prompt, preset.no_cache_tokens, temperature=0, compile=compile)
+                    generate(model, prompt, preset.no_cache_tokens, temperature=0, compile=compile)
 
             return run
 
@@ -411,7 +411,7 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
 
         with autocast():
             compile_s = compile_decode_step(
-                model.generate_tokens(prompt, preset.no_cache_tokens, temperature=0, compile=True)
+                generate_tokens(model, prompt, preset.no_cache_tokens, temperature=0, compile=True)
             )
         dt_compiled, dt_eager, dt_uncached = median_times(
             [cached(compile=True), cached(compile=False), uncached], preset.no_cache_repeats, device

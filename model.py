@@ -11,7 +11,6 @@ to `LlamaForCausalLM` (q/k projections included) and logits match it.
 """
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -258,7 +257,6 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
-        self._compiled_forward: Callable | None = None  # made by compiled_forward on first use
         self.apply(self._init_weights)
         # GPT-2: shrink the projections that add into the residual stream, one pair per layer. Or, as
         # the speed runs do, start them at zero: each block begins as the identity.
@@ -293,7 +291,7 @@ class GPT(nn.Module):
         (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
         With a cache, the keys and values of idx are stored in it: without pos, idx holds positions
         0..T-1 (a prefill); with pos, a (1,) tensor, idx (B, 1) is the token at that position, which
-        the caller keeps below block_size (generate_tokens does)."""
+        the caller keeps below block_size (generate.generate_tokens does)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -360,116 +358,3 @@ class GPT(nn.Module):
         attended = min(T, cfg.sliding_window or T)  # keys per query, at most
         attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * attended
         return 6 * self.get_num_params(non_embedding=True) + attention
-
-    @torch.inference_mode()
-    def generate_tokens(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        compile: bool = False,
-    ) -> Iterator[torch.Tensor]:
-        """Yield max_new_tokens new tokens (B, 1), one per step, continuing the prompts idx (B, T).
-
-        The prompt is prefilled into a KV cache once, eagerly; then each step feeds only the newest token
-        at a position tensor: a step of one shape from the first token to the last, which compile=True
-        runs compiled (compiled_forward). Context never exceeds block_size: a longer prompt keeps its last
-        block_size tokens, and when the positions reach block_size the context restarts from the most
-        recent block_size // 2 tokens, re-prefilled, so every token is predicted from between
-        block_size // 2 and block_size tokens of context. A sliding-window model's cache holds only its
-        window, a rolling buffer: up to block_size its tokens are exactly those of a full forward.
-        """
-        B, T = idx.shape
-        if T == 0:
-            raise ValueError("generation needs at least one prompt token (e.g. an end-of-text token)")
-        block_size = self.config.block_size
-        prompt_len = min(T, block_size)
-        context_len = min(block_size, prompt_len + max_new_tokens)
-        cache = KVCache(self.config.n_layer, self.kv_cache_length(T, max_new_tokens), idx.device)
-        context = torch.empty(B, context_len, dtype=torch.long, device=idx.device)  # tokens at 0..pos-1
-        context[:, :prompt_len] = idx[:, -prompt_len:]
-        pos = prompt_len  # the position of the next token fed
-        logits, _ = self(context[:, :pos], cache=cache)
-        decode = self
-        if compile:
-            decode = self.compiled_forward()
-            for buffer in cache.k + cache.v:  # a CUDA graph writes in place only inputs at fixed addresses
-                torch._dynamo.mark_static_address(buffer)
-        position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
-            yield next_token
-            if step == max_new_tokens - 1:
-                break
-            if pos == block_size:  # context full: restart it from the most recent tokens
-                keep = max(1, block_size // 2)
-                context[:, : keep - 1] = context[:, pos - keep + 1 : pos].clone()
-                context[:, keep - 1] = next_token[:, 0]
-                logits, _ = self(context[:, :keep], cache=cache)
-                pos = keep
-            else:
-                context[:, pos] = next_token[:, 0]
-                position.fill_(pos)
-                logits, _ = decode(next_token, cache=cache, pos=position)
-                pos += 1
-
-    def kv_cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Slots in generate_tokens' KV cache: the positions the generation reaches, at most block_size
-        (no more: a long-context model would otherwise reserve its whole context), and at most the
-        sliding window, whose cache is a rolling buffer."""
-        context_len = min(self.config.block_size, prompt_len + max_new_tokens)
-        return min(context_len, self.config.sliding_window or context_len)
-
-    def compiled_forward(self) -> Callable[..., tuple[torch.Tensor, None]]:
-        """forward under torch.compile, for the decode steps: their shapes never change, so one graph
-        serves every position of every generation with the same batch size and cache length. On CUDA
-        it replays as a CUDA graph (triton.cudagraphs, what mode="reduce-overhead" sets): one launch
-        per token instead of hundreds. Without size_asserts, the run-time check of every library
-        kernel's output shape, a debugging aid, goes: 6-8% of a Shakespeare-model step on CPU. Not
-        fullgraph=True: past torch's limit of graphs per function (8), a new shape runs eagerly
-        instead of failing."""
-        if self._compiled_forward is None:
-            options = {"triton.cudagraphs": self.rope_cos.is_cuda, "size_asserts": False}
-            self._compiled_forward = torch.compile(self.forward, options=options)
-        return self._compiled_forward
-
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        compile: bool = False,
-    ) -> torch.Tensor:
-        """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
-        temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
-        new_tokens = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, compile))
-        return torch.cat([idx, *new_tokens], dim=1)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit (B, vocab) outside the top_k, and outside the nucleus: the smallest set
-    of most likely tokens whose probabilities sum to at least top_p."""
-    if top_k is not None and top_k < logits.size(-1):  # top_k >= vocab keeps all: skip a topk per token
-        kth_best = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-        drop_sorted = mass_before >= top_p  # those before it already reach top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)

@@ -24,6 +24,7 @@ from checkpoint import (  # noqa: E402
     model_from_checkpoint,
     save_checkpoint,
 )
+from generate import generate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from optim import make_optimizers  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
@@ -192,7 +193,7 @@ def test_exported_trained_model_matches_transformers_logits_and_greedy_generatio
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, idx), theirs(idx).logits, atol=1e-4, rtol=0)
     expected = theirs.generate(idx, max_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(ours.generate(idx, 30, temperature=0), expected)
+    assert torch.equal(generate(ours, idx, 30, temperature=0), expected)
 
 
 def test_char_tokenizer_survives_export_and_import(tmp_path):
@@ -310,7 +311,7 @@ def test_imported_model_samples_through_the_hf_tokenizer_beside_it(tmp_path):
     model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "out")
     assert tokenizer.eot_token == 1 and tokenizer.decode(tokenizer.encode(text)) == text
     ids = tokenizer.encode("To be")
-    continuation = model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids) :].tolist()
+    continuation = generate(model, torch.tensor([ids]), 5, temperature=0)[0, len(ids) :].tolist()
     streamed = b"".join(tokenizer.decode_bytes([i]) for i in continuation).decode()  # as sample.py streams
     assert streamed.strip() == tokenizer.decode(continuation).strip()
 
@@ -452,7 +453,7 @@ def test_exported_family_generates_like_transformers_past_the_window(tmp_path, f
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, prompt), theirs(prompt).logits, atol=1e-4, rtol=0)
     expected = theirs.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 30, temperature=0), expected)
+    assert torch.equal(generate(ours, prompt, 30, temperature=0), expected)
 
 
 def test_rope_scaling_and_rope_parameters_spellings_import_and_load_the_same(tmp_path):

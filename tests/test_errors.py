@@ -23,6 +23,7 @@ import torch
 from conftest import REPO_ROOT
 
 import convert
+import generate
 import sample
 import train
 from checkpoint import CKPT_NAME, save_checkpoint
@@ -122,7 +123,7 @@ def compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
 
-    monkeypatch.setattr(GPT, "compiled_forward", lambda self: fail)
+    monkeypatch.setattr(generate, "compiled_forward", lambda model: fail)
 
 
 @dataclass

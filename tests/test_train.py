@@ -24,6 +24,7 @@ from conftest import TORCHRUN
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import parse_config
+from generate import generate
 from model import GPT, GPTConfig
 from optim import Muon, make_optimizers, newton_schulz
 from tokenizer import get_tokenizer
@@ -109,7 +110,7 @@ def test_training_end_to_end_lowers_loss_and_writes_a_sampleable_checkpoint(char
     model = model_from_checkpoint(checkpoint).eval()
     tokenizer = get_tokenizer(checkpoint["tokenizer"])
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
-    text = tokenizer.decode(model.generate(prompt, max_new_tokens=20)[0].tolist())
+    text = tokenizer.decode(generate(model, prompt, max_new_tokens=20)[0].tolist())
     assert text.startswith("ROMEO:") and len(text) == 26
 
 
