@@ -1,7 +1,6 @@
 """Generation from a GPT: sampling (temperature, top-k, top-p), the decode loop over a KV cache (prefill
-once, then one token per step), the compiled decode step and when it pays, and the cache's size.
-Apart from model.py, which holds the network only: how a model is run is not what it is, and
-sample.py, bench.py and the tests share it.
+once, then one token per step), the compiled decode step and when it pays, the cache's size and whether it
+fits. Apart from model.py, which holds the network only: sample.py and bench.py run it the same way.
 """
 
 import itertools
@@ -11,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from model import GPT, GPTConfig, KVCache
-from runtime import UserError
+from runtime import ConfigError, UserError, free_memory_bytes
 
 # Tokens per sample from which should_compile compiles the decode step by default: where the compile
 # repays itself for the main job's model on a 2-core CPU. Measured quietly: a compile of 3.6-8 s against
@@ -97,19 +96,11 @@ def generate_tokens(
             pos += 1
 
 
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    compile: bool = False,
-) -> torch.Tensor:
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
     """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
-    temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
-    new_tokens = list(generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, compile))
-    return torch.cat([idx, *new_tokens], dim=1)
+    sampling: generate_tokens' temperature (0 is greedy), top_k, top_p and compile; see generate_tokens
+    for how context beyond block_size is handled."""
+    return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
 def kv_cache_length(config: GPTConfig, prompt_len: int, max_new_tokens: int) -> int:
@@ -120,9 +111,25 @@ def kv_cache_length(config: GPTConfig, prompt_len: int, max_new_tokens: int) -> 
     return min(context_len, config.sliding_window or context_len)
 
 
-def kv_cache_bytes(config: GPTConfig, batch: int, length: int, dtype: torch.dtype) -> int:
-    """Bytes of a KV cache of batch rows x length slots in dtype: keys and values of every layer."""
-    return 2 * config.n_layer * config.n_kv_head * config.head_dim * batch * length * dtype.itemsize
+def check_kv_cache_fits(
+    config: GPTConfig,
+    num_samples: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
+    positions = kv_cache_length(config, prompt_len, max_new_tokens)
+    per_position = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize  # keys and values
+    needed = num_samples * positions * per_position
+    free = free_memory_bytes(device)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"num_samples={num_samples} x {positions} positions need a KV cache of "
+            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
+            "lower num_samples or max_new_tokens"
+        )
 
 
 def should_compile(requested: bool | None, max_new_tokens: int) -> bool:

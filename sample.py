@@ -16,22 +16,13 @@ from checkpoint import load_model_and_tokenizer
 from configurator import parse_config
 from generate import (
     COMPILE_MIN_TOKENS,
+    check_kv_cache_fits,
     compile_decode_step,
     generate_tokens,
-    kv_cache_bytes,
-    kv_cache_length,
     should_compile,
 )
 from model import GPT
-from runtime import (
-    ConfigError,
-    UserError,
-    autocast,
-    exit_on_error,
-    free_memory_bytes,
-    pick_device,
-    pick_dtype,
-)
+from runtime import ConfigError, UserError, autocast, exit_on_error, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
 DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
@@ -167,21 +158,6 @@ def generate_and_print(
     )
 
 
-def check_kv_cache_fits(
-    model: GPT, cfg: SampleConfig, prompt_len: int, device: torch.device, dtype: torch.dtype
-) -> None:
-    """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
-    positions = kv_cache_length(model.config, prompt_len, cfg.max_new_tokens)
-    needed = kv_cache_bytes(model.config, cfg.num_samples, positions, dtype)
-    free = free_memory_bytes(device)
-    if free is not None and needed > free:
-        raise ConfigError(
-            f"num_samples={cfg.num_samples} x {positions} positions need a KV cache of "
-            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
-            "lower num_samples or max_new_tokens"
-        )
-
-
 def sample(cfg: SampleConfig) -> None:
     check_values(cfg)
     device = pick_device(cfg.device)
@@ -196,7 +172,7 @@ def sample(cfg: SampleConfig) -> None:
             f"the model sees only its last {block_size} tokens",
             file=sys.stderr,
         )
-    check_kv_cache_fits(model, cfg, len(prompt_ids), device, dtype)
+    check_kv_cache_fits(model.config, cfg.num_samples, len(prompt_ids), cfg.max_new_tokens, device, dtype)
     generate_and_print(model, tokenizer, prompt_ids, prompt_text, cfg, device, dtype)
 
 
