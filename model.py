@@ -18,6 +18,64 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024  # trained context length; also the length of the RoPE tables
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    n_embd: int = 768
+    head_dim: int | None = None  # size of each head; None = n_embd // n_head (Qwen3 sets its own)
+    intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
+    multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
+    rope_theta: float = 10000.0
+    # None, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}: longer context than trained
+    rope_scaling: dict | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, OLMo 2)
+    attn_bias: bool = False  # biases on the q, k and v projections, not the output one (Qwen2)
+    sliding_window: int | None = None  # a query attends to the W most recent positions, itself included
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        head_size = f"head_dim {self.head_dim}"
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+            head_size = f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim}"
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"{head_size} must be even and positive for rotary embeddings")
+        scaling = self.rope_scaling
+        if scaling is not None and (
+            scaling.keys() != {"rope_type", *LLAMA3_SCALING_KEYS} or scaling["rope_type"] != "llama3"
+        ):
+            raise ValueError(
+                f"rope_scaling must be None or hold rope_type 'llama3' and {', '.join(LLAMA3_SCALING_KEYS)}; "
+                f"got {scaling}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or at least 1, got {self.sliding_window}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.intermediate_size is None:
+            # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
+            hidden = int(2 * 4 * self.n_embd / 3)
+            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -30,9 +88,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
-
-
-LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def rope_tables(
@@ -106,62 +161,6 @@ class KVCache:
         written so far. A rolling buffer is full from position W - 1 on and then holds exactly the
         window: positions pos - W + 1 .. pos."""
         return (self.slots <= pos)[None]
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    block_size: int = 1024  # trained context length; also the length of the RoPE tables
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
-    n_embd: int = 768
-    head_dim: int | None = None  # size of each head; None = n_embd // n_head (Qwen3 sets its own)
-    intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
-    multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
-    rope_theta: float = 10000.0
-    # None, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}: longer context than trained
-    rope_scaling: dict | None = None
-    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, OLMo 2)
-    attn_bias: bool = False  # biases on the q, k and v projections, not the output one (Qwen2)
-    sliding_window: int | None = None  # a query attends to the W most recent positions, itself included
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True  # share the token embedding with the LM head
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        head_size = f"head_dim {self.head_dim}"
-        if self.head_dim is None:
-            if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-            self.head_dim = self.n_embd // self.n_head
-            head_size = f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim}"
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"{head_size} must be even and positive for rotary embeddings")
-        scaling = self.rope_scaling
-        if scaling is not None and (
-            scaling.keys() != {"rope_type", *LLAMA3_SCALING_KEYS} or scaling["rope_type"] != "llama3"
-        ):
-            raise ValueError(
-                f"rope_scaling must be None or hold rope_type 'llama3' and {', '.join(LLAMA3_SCALING_KEYS)}; "
-                f"got {scaling}"
-            )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be None or at least 1, got {self.sliding_window}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.intermediate_size is None:
-            # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
-            hidden = int(2 * 4 * self.n_embd / 3)
-            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
 class Attention(nn.Module):
