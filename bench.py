@@ -392,12 +392,8 @@ def time_generation(
     first_ours, first_peer = median_times(
         [our_first_token, lambda: theirs(1)], preset.generate_repeats, device
     )
-    new_tokens = prompt.size(0) * preset.new_tokens
-    tokens_per_s = {
-        "ours": new_tokens / dt_compiled,
-        "ours_eager": new_tokens / dt_eager,
-        "peer": new_tokens / dt_peer,
-    }
+    tokens = prompt.size(0) * preset.new_tokens
+    tokens_per_s = {"ours": tokens / dt_compiled, "ours_eager": tokens / dt_eager, "peer": tokens / dt_peer}
     first_token_ms = {"ours": 1000 * first_ours, "peer": 1000 * first_peer}
     identical = all(torch.equal(outputs[key], outputs["peer"]) for key in ("compiled", "eager"))
     return tokens_per_s, first_token_ms, identical

@@ -325,16 +325,14 @@ class GPT(nn.Module):
         return logits, loss
 
     def param_groups(self, weight_decay: float, muon: bool) -> tuple[list[dict], list[dict]]:
-        """Parameter groups for AdamW and for Muon (optim.make_optimizers). AdamW's: weight decay on
-        matrices (embeddings, projections) only, not on norm gains or biases. With muon, Muon's take the
-        2-D matrices inside the blocks - the attention and MLP projections - one group per way of
-        splitting them: "parts", the row counts of the matrices fused into each (q|k|v, gate|up), or
-        None for a whole one (wo, down)."""
+        """AdamW's and Muon's parameter groups (optim.make_optimizers). AdamW decays matrices (embeddings,
+        projections), not norm gains or biases. With muon, Muon takes the 2-D matrices inside the blocks,
+        one group per way of splitting them: "parts", the row counts of the matrices fused into each
+        (q|k|v, gate|up), or None for whole ones (wo, down)."""
         params = [p for p in self.parameters() if p.requires_grad]
         in_blocks = {id(p) for p in self.layers.parameters()}
         muon_params = [p for p in params if p.dim() == 2 and id(p) in in_blocks] if muon else []
-        muon_ids = {id(p) for p in muon_params}
-        adamw_params = [p for p in params if id(p) not in muon_ids]
+        adamw_params = [p for p in params if id(p) not in {id(q) for q in muon_params}]
         adamw_groups = [
             {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},
