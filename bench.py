@@ -33,9 +33,10 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import read_config_file
-from model import GPT, GPTConfig, sample_next_token
-from runtime import DTYPE_NAMES, exit_on_error, pick_device, pick_dtype
-from sample import COMPILE_MIN_TOKENS, compile_decode_step
+from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate, generate_tokens, sample_next_token
+from model import GPT, GPTConfig
+from optim import make_optimizers
+from runtime import DTYPE_NAMES, autocast, exit_on_error, pick_device, pick_dtype
 from tasks import continuation_logprobs
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -175,12 +176,12 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
     return peak_rss_bytes() - before
 
 
-def our_train_step(model: GPT, x: torch.Tensor, autocast) -> tuple[Callable[[], None], torch.optim.AdamW]:
+def our_train_step(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> tuple[Callable, torch.optim.AdamW]:
     """One forward + backward + AdamW step of our model on the batch x, and its optimizer."""
-    (optimizer,) = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), x.device.type)
+    (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), x.device.type)
 
     def step() -> None:
-        with autocast():
+        with autocast(x.device, dtype):
             loss = model(x, x)[1]  # not holding the logits: they would stay alive through backward
         loss.backward()
         optimizer.step()
@@ -194,16 +195,16 @@ def random_batch(preset: Preset, device: torch.device) -> torch.Tensor:
 
 
 def train_step_fns(
-    model: GPT, peer, preset: Preset, device: torch.device, autocast
+    model: GPT, peer, preset: Preset, device: torch.device, dtype: torch.dtype
 ) -> tuple[Callable, Callable]:
     """One forward + backward + AdamW step for each model, on the same random batch."""
     x = random_batch(preset, device)
-    ours, optimizer = our_train_step(model, x, autocast)
+    ours, optimizer = our_train_step(model, x, dtype)
     fused = optimizer.defaults["fused"]  # the same AdamW as ours: the comparison is of the models
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
 
     def peer_step() -> None:
-        with autocast():
+        with autocast(device, dtype):
             loss = peer(input_ids=x, labels=x).loss  # they shift the labels themselves
         loss.backward()
         opt_peer.step()
@@ -236,11 +237,13 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def bench_training(model: GPT, preset: Preset, device: torch.device, autocast, peak_flops: float) -> dict:
+def bench_training(
+    model: GPT, preset: Preset, device: torch.device, dtype: torch.dtype, peak_flops: float
+) -> dict:
     """Training tokens/s, MFU and step peak memory, ours and the peer's."""
     model.train()
     peer = to_peer(model).train()
-    step_ours, step_peer = train_step_fns(model, peer, preset, device, autocast)
+    step_ours, step_peer = train_step_fns(model, peer, preset, device, dtype)
     # The warm-up step creates AdamW's state.
     dt_ours, dt_peer = median_times([step_ours, step_peer], preset.train_steps, device, warm_up=True)
     tokens = preset.batch_size * preset.seq_len
@@ -284,7 +287,7 @@ OPTIONS = {  # model.py's options, as bench_options turns each on (sliding_windo
 }  # fmt: skip
 
 
-def bench_options(preset: Preset, device: torch.device, autocast) -> dict:
+def bench_options(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
     """Our training tokens/s with each model option on, against all off, timed alternately."""
     tokens = preset.batch_size * preset.seq_len
     results = {}
@@ -293,7 +296,7 @@ def bench_options(preset: Preset, device: torch.device, autocast) -> dict:
         for overrides in ({}, option):
             torch.manual_seed(0)
             model = GPT(GPTConfig(**preset.model, **overrides)).to(device).train()
-            steps.append(our_train_step(model, random_batch(preset, device), autocast)[0])
+            steps.append(our_train_step(model, random_batch(preset, device), dtype)[0])
         dt_off, dt_on = median_times(steps, preset.train_steps, device, warm_up=True)
         results[name] = {"off": tokens / dt_off, "on": tokens / dt_on}
         print(
@@ -317,7 +320,7 @@ def measure_read_rate(weights: list[torch.Tensor]) -> float:
     return sum(w.nbytes for w in weights) / min(timed(read_all, weights[0].device) for _ in range(5))
 
 
-def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
+def bench_generation(model: GPT, preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
     """Greedy generation at batch 1 and 8, ours with the decode step compiled and eager against
     transformers' generate, each model with its own KV cache: tokens/s (new tokens over the whole call,
     prefill included), time to first token, our compile time, whether all three gave the same tokens,
@@ -334,62 +337,69 @@ def bench_generation(model: GPT, preset: Preset, device: torch.device, autocast)
     results: dict = {"weight_bytes_per_step": weight_bytes}
     for batch in (1, 8):
         prompt = torch.randint(0, model.config.vocab_size, (batch, preset.prompt_len), device=device)
-        outputs = {}
-
-        def ours(compile: bool) -> Callable[[], None]:
-            def run() -> None:
-                with autocast():
-                    outputs["compiled" if compile else "eager"] = model.generate(
-                        prompt, preset.new_tokens, temperature=0, compile=compile
-                    )
-
-            return run
-
-        def theirs(new_tokens: int) -> torch.Tensor:
-            with torch.inference_mode(), autocast():
-                return peer.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                )
-
-        def our_first_token() -> None:
-            with autocast():
-                next(model.generate_tokens(prompt, preset.new_tokens, temperature=0))
-
-        with autocast():  # compiles for this batch size; then the timed calls reuse the graph
+        with autocast(device, dtype):  # compiles for this batch size; then the timed calls reuse the graph
             results[f"compile_s_batch{batch}"] = compile_decode_step(
-                model.generate_tokens(prompt, preset.new_tokens, temperature=0, compile=True)
+                generate_tokens(model, prompt, preset.new_tokens, temperature=0, compile=True)
             )
         read_rate, model_read_rate = measure_read_rate(one_matrix), measure_read_rate(matrices)
-        dt_compiled, dt_eager, dt_peer = median_times(
-            [ours(compile=True), ours(compile=False), lambda: outputs.update(peer=theirs(preset.new_tokens))],
-            preset.generate_repeats,
-            device,
-        )
-        first_ours, first_peer = median_times(
-            [our_first_token, lambda: theirs(1)], preset.generate_repeats, device
-        )
-        new_tokens = batch * preset.new_tokens
-        results[f"decode_tokens_per_s_batch{batch}"] = {
-            "ours": new_tokens / dt_compiled,
-            "ours_eager": new_tokens / dt_eager,
-            "peer": new_tokens / dt_peer,
-        }
-        results[f"first_token_ms_batch{batch}"] = {"ours": 1000 * first_ours, "peer": 1000 * first_peer}
+        tokens_per_s, first_token_ms, identical = time_generation(model, peer, prompt, preset, device, dtype)
+        results[f"decode_tokens_per_s_batch{batch}"] = tokens_per_s
+        results[f"first_token_ms_batch{batch}"] = first_token_ms
         results[f"read_bytes_per_s_batch{batch}"] = read_rate
         results[f"model_matrices_read_bytes_per_s_batch{batch}"] = model_read_rate
         results[f"bandwidth_bound_tokens_per_s_batch{batch}"] = batch * read_rate / weight_bytes
-        results[f"greedy_tokens_identical_batch{batch}"] = all(
-            torch.equal(outputs[key], outputs["peer"]) for key in ("compiled", "eager")
-        )
+        results[f"greedy_tokens_identical_batch{batch}"] = identical
     return results
 
 
-def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -> dict:
+def time_generation(
+    model: GPT, peer, prompt: torch.Tensor, preset: Preset, device: torch.device, dtype: torch.dtype
+) -> tuple[dict, dict, bool]:
+    """Greedy generation of preset.new_tokens after prompt, ours with the decode step compiled (already)
+    and eager and the peer's, timed alternately: tokens/s of the whole call and time to first token
+    (ms), ours against the peer's, and whether all three gave the same tokens."""
+    outputs = {}
+
+    def ours(compile: bool) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(device, dtype):
+                outputs["compiled" if compile else "eager"] = generate(
+                    model, prompt, preset.new_tokens, temperature=0, compile=compile
+                )
+
+        return run
+
+    def theirs(new_tokens: int) -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return peer.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+            )
+
+    def our_first_token() -> None:
+        with autocast(device, dtype):
+            next(generate_tokens(model, prompt, preset.new_tokens, temperature=0))
+
+    dt_compiled, dt_eager, dt_peer = median_times(
+        [ours(compile=True), ours(compile=False), lambda: outputs.update(peer=theirs(preset.new_tokens))],
+        preset.generate_repeats,
+        device,
+    )
+    first_ours, first_peer = median_times(
+        [our_first_token, lambda: theirs(1)], preset.generate_repeats, device
+    )
+    tokens = prompt.size(0) * preset.new_tokens
+    tokens_per_s = {"ours": tokens / dt_compiled, "ours_eager": tokens / dt_eager, "peer": tokens / dt_peer}
+    first_token_ms = {"ours": 1000 * first_ours, "peer": 1000 * first_peer}
+    identical = all(torch.equal(outputs[key], outputs["peer"]) for key in ("compiled", "eager"))
+    return tokens_per_s, first_token_ms, identical
+
+
+def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
     """Our greedy generation tokens/s with the decode step compiled, eager, and without a KV cache,
     at batch 1 and 8, from one token as sample.py starts; and how many tokens at batch 1 pay for the
     compile (what sample.py's default rule weighs)."""
@@ -399,18 +409,18 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
 
         def cached(compile: bool) -> Callable[[], None]:
             def run() -> None:
-                with autocast():
-                    model.generate(prompt, preset.no_cache_tokens, temperature=0, compile=compile)
+                with autocast(device, dtype):
+                    generate(model, prompt, preset.no_cache_tokens, temperature=0, compile=compile)
 
             return run
 
         def uncached() -> None:
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(device, dtype):
                 generate_without_cache(model, prompt, preset.no_cache_tokens)
 
-        with autocast():
+        with autocast(device, dtype):
             compile_s = compile_decode_step(
-                model.generate_tokens(prompt, preset.no_cache_tokens, temperature=0, compile=True)
+                generate_tokens(model, prompt, preset.no_cache_tokens, temperature=0, compile=True)
             )
         dt_compiled, dt_eager, dt_uncached = median_times(
             [cached(compile=True), cached(compile=False), uncached], preset.no_cache_repeats, device
@@ -431,7 +441,7 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, autocast) -
 
 
 def bench_multiple_choice(
-    model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, autocast
+    model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, dtype: torch.dtype
 ) -> dict:
     """eval.py's multiple-choice scorer in examples/s, choices batched 32 to a forward pass against
     one choice per pass, on random examples of 4 choices, cut to the model's block_size as the scorer
@@ -443,29 +453,34 @@ def bench_multiple_choice(
         return torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist()
 
     rows = [(random_ids(context_len), random_ids(choice_len)) for _ in range(4 * n_examples)]
-    continuation_logprobs(model, rows[:4], 4, device, autocast())  # warm-up
+    continuation_logprobs(model, rows[:4], 4, device, autocast(device, dtype))  # warm-up
     results = {"row_tokens": min(context_len + choice_len, model.config.block_size + 1)}
     for name, batch_size in (("batched", 32), ("one_at_a_time", 1)):
-        seconds = timed(lambda: continuation_logprobs(model, rows, batch_size, device, autocast()), device)
+        seconds = timed(
+            lambda: continuation_logprobs(model, rows, batch_size, device, autocast(device, dtype)), device
+        )
         results[name] = n_examples / seconds
     return results
 
 
+def row(name: str, *values: float | None, fmt: str = "{:,.0f}") -> None:
+    """A table's row: the values in columns, then the first over the second."""
+    cells = "".join(f" {fmt.format(v) if v is not None else 'n/a':>12}" for v in values)
+    ratio = f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else ""
+    print(f"{name:<44}{cells} {ratio:>9}")
+
+
+def pair(r: dict, key: str, a: str = "ours", b: str = "peer") -> tuple:
+    return r[key][a], r[key][b]
+
+
 def print_table(r: dict, preset: Preset) -> None:
-    def row(name: str, *values: float | None, fmt: str = "{:,.0f}") -> None:
-        """The values in columns, then the first over the second."""
-        cells = "".join(f" {fmt.format(v) if v is not None else 'n/a':>12}" for v in values)
-        ratio = f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else ""
-        print(f"{name:<44}{cells} {ratio:>9}")
-
-    def pair(key: str, a: str = "ours", b: str = "peer") -> tuple:
-        return r[key][a], r[key][b]
-
+    """The results as tables: ours against transformers', then ours alone (print_ours)."""
     mib = {k: v / 2**20 if v is not None else None for k, v in r["train_peak_memory_bytes"].items()}
     print(f"\npeak matmul throughput ({r['dtype']}, measured): {r['peak_flops'] / 1e9:,.1f} GFLOP/s")
     print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ours/them':>9}")
-    row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair("train_tokens_per_s"))
-    row("train MFU (of measured peak)", *(100 * v for v in pair("mfu")), fmt="{:.1f}%")
+    row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair(r, "train_tokens_per_s"))
+    row("train MFU (of measured peak)", *(100 * v for v in pair(r, "mfu")), fmt="{:.1f}%")
     row("train step peak memory (MiB)", mib["ours"], mib["peer"])
     for batch in (1, 8):
         decode = r[f"decode_tokens_per_s_batch{batch}"]
@@ -477,7 +492,9 @@ def print_table(r: dict, preset: Preset) -> None:
             *(100 * decode[k] / bound for k in ("ours", "peer")),
             fmt="{:.0f}%",
         )
-        row(f"time to first token batch {batch} (ms)", *pair(f"first_token_ms_batch{batch}"), fmt="{:,.1f}")
+        row(
+            f"time to first token batch {batch} (ms)", *pair(r, f"first_token_ms_batch{batch}"), fmt="{:,.1f}"
+        )
     same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
     print(
         f"decode: greedy, {preset.prompt_len}-token prompt + {preset.new_tokens}, tokens/s of the whole call"
@@ -501,9 +518,14 @@ def print_table(r: dict, preset: Preset) -> None:
     print(
         f"compiling the decode step, the first compiled call's first two tokens (batch 1, 8): {compile_s} s"
     )
+    print_ours(r, preset)
+
+
+def print_ours(r: dict, preset: Preset) -> None:
+    """Our own comparisons: activation checkpointing, the Shakespeare model's decoding, multiple choice."""
     print("\nours, activation checkpointing (train.py --activation_checkpointing=True)")
     print(f"{'':<44} {'on':>12} {'off':>12} {'on/off':>9}")
-    row("train tokens/s", *pair("checkpointing_tokens_per_s", "on", "off"))
+    row("train tokens/s", *pair(r, "checkpointing_tokens_per_s", "on", "off"))
     on, off = (r["checkpointing_peak_memory_bytes"][k] for k in ("on", "off"))
     row("train step peak memory (MiB)", *(v / 2**20 if v is not None else None for v in (on, off)))
     shape = r["no_cache_model"]
@@ -528,14 +550,18 @@ def print_table(r: dict, preset: Preset) -> None:
         ("choice_examples_per_s_shakespeare", "Shakespeare"),
     ):
         rows = r[key]["row_tokens"]
-        row(f"examples/s, {name} ({rows}-token rows)", *pair(key, "batched", "one_at_a_time"), fmt="{:,.1f}")
+        row(
+            f"examples/s, {name} ({rows}-token rows)",
+            *pair(r, key, "batched", "one_at_a_time"),
+            fmt="{:,.1f}",
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     exit_on_error(lambda: bench(argv))
 
 
-def bench(argv: list[str] | None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -556,8 +582,11 @@ def bench(argv: list[str] | None) -> None:
         action="store_true",
         help="only: our training speed with each model option on against all off",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def bench(argv: list[str] | None) -> None:
+    args = parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
@@ -565,10 +594,6 @@ def bench(argv: list[str] | None) -> None:
     dtype = pick_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     preset = PRESETS[args.preset]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
     torch.manual_seed(0)
     model = GPT(GPTConfig(**preset.model)).to(device)
     results: dict = {
@@ -589,19 +614,19 @@ def bench(argv: list[str] | None) -> None:
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
     if args.options:
-        results["option_tokens_per_s"] = bench_options(preset, device, autocast)
+        results["option_tokens_per_s"] = bench_options(preset, device, dtype)
     else:
         results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)
-        results.update(bench_training(model, preset, device, autocast, results["peak_flops"]))
-        results.update(bench_generation(model, preset, device, autocast))
+        results.update(bench_training(model, preset, device, dtype, results["peak_flops"]))
+        results.update(bench_generation(model, preset, device, dtype))
         shakespeare = shakespeare_model(args.out_dir, device)
-        results.update(bench_kv_cache(shakespeare, preset, device, autocast))
+        results.update(bench_kv_cache(shakespeare, preset, device, dtype))
         # HellaSwag's rough size (an assumption: the set cannot be downloaded here): 64 + 32 GPT-2 tokens;
         # in characters, 256 + 96, which the Shakespeare model's 128-token context cuts to its last 129.
         n = preset.choice_examples
-        results["choice_examples_per_s"] = bench_multiple_choice(model, n, 64, 32, device, autocast)
+        results["choice_examples_per_s"] = bench_multiple_choice(model, n, 64, 32, device, dtype)
         results["choice_examples_per_s_shakespeare"] = bench_multiple_choice(
-            shakespeare, n, 256, 96, device, autocast
+            shakespeare, n, 256, 96, device, dtype
         )
         print_table(results, preset)
     if args.json:

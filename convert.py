@@ -352,6 +352,17 @@ def check_tensors(tensors: dict, config: GPTConfig, family: str) -> None:
             )
 
 
+def read_hf_config(hf_dir: Path) -> dict:
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(
+            f"cannot read {hf_dir / 'config.json'} ({e}); HF_DIR must be a Hugging Face model directory"
+        ) from e
+    check_config_numbers(hf)
+    return hf
+
+
 def import_hf(
     hf_dir: Path,
     out_dir: Path,
@@ -368,13 +379,7 @@ def import_hf(
         )
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConvertError(f"OUT_DIR {out_dir} is a file: choose a folder")
-    try:
-        hf = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(
-            f"cannot read {hf_dir / 'config.json'} ({e}); HF_DIR must be a Hugging Face model directory"
-        ) from e
-    check_config_numbers(hf)
+    hf = read_hf_config(hf_dir)
     config = gpt_config_from_hf(hf)
     if block_size is not None:
         if not 1 <= block_size <= config.block_size:

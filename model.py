@@ -11,13 +11,70 @@ to `LlamaForCausalLM` (q/k projections included) and logits match it.
 """
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024  # trained context length; also the length of the RoPE tables
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
+    n_embd: int = 768
+    head_dim: int | None = None  # size of each head; None = n_embd // n_head (Qwen3 sets its own)
+    intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
+    multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
+    rope_theta: float = 10000.0
+    # None, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}: longer context than trained
+    rope_scaling: dict | None = None
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, OLMo 2)
+    attn_bias: bool = False  # biases on the q, k and v projections, not the output one (Qwen2)
+    sliding_window: int | None = None  # a query attends to the W most recent positions, itself included
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        head_size = f"head_dim {self.head_dim}"
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+            head_size = f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim}"
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"{head_size} must be even and positive for rotary embeddings")
+        scaling = self.rope_scaling
+        if scaling is not None and (
+            scaling.keys() != {"rope_type", *LLAMA3_SCALING_KEYS} or scaling["rope_type"] != "llama3"
+        ):
+            raise ValueError(
+                f"rope_scaling must be None or hold rope_type 'llama3' and {', '.join(LLAMA3_SCALING_KEYS)}; "
+                f"got {scaling}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or at least 1, got {self.sliding_window}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.intermediate_size is None:
+            # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
+            hidden = int(2 * 4 * self.n_embd / 3)
+            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +88,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
-
-
-LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def rope_tables(
@@ -107,62 +161,6 @@ class KVCache:
         written so far. A rolling buffer is full from position W - 1 on and then holds exactly the
         window: positions pos - W + 1 .. pos."""
         return (self.slots <= pos)[None]
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    block_size: int = 1024  # trained context length; also the length of the RoPE tables
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = MQA, between = GQA
-    n_embd: int = 768
-    head_dim: int | None = None  # size of each head; None = n_embd // n_head (Qwen3 sets its own)
-    intermediate_size: int | None = None  # SwiGLU hidden size; None derives it Llama-style
-    multiple_of: int = 64  # the derived hidden size is rounded up to a multiple of this
-    rope_theta: float = 10000.0
-    # None, or Llama 3.1's {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}: longer context than trained
-    rope_scaling: dict | None = None
-    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3, OLMo 2)
-    attn_bias: bool = False  # biases on the q, k and v projections, not the output one (Qwen2)
-    sliding_window: int | None = None  # a query attends to the W most recent positions, itself included
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True  # share the token embedding with the LM head
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "multiple_of"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        head_size = f"head_dim {self.head_dim}"
-        if self.head_dim is None:
-            if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-            self.head_dim = self.n_embd // self.n_head
-            head_size = f"head size n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim}"
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"{head_size} must be even and positive for rotary embeddings")
-        scaling = self.rope_scaling
-        if scaling is not None and (
-            scaling.keys() != {"rope_type", *LLAMA3_SCALING_KEYS} or scaling["rope_type"] != "llama3"
-        ):
-            raise ValueError(
-                f"rope_scaling must be None or hold rope_type 'llama3' and {', '.join(LLAMA3_SCALING_KEYS)}; "
-                f"got {scaling}"
-            )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be None or at least 1, got {self.sliding_window}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.intermediate_size is None:
-            # Llama: 2/3 of the usual 4x width keeps SwiGLU's three matrices at the cost of two.
-            hidden = int(2 * 4 * self.n_embd / 3)
-            self.intermediate_size = self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
 class Attention(nn.Module):
@@ -258,7 +256,6 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (block_size, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
         self.activation_checkpointing = False  # a way to run, not part of the architecture: train.py sets it
-        self._compiled_forward: Callable | None = None  # made by compiled_forward on first use
         self.apply(self._init_weights)
         # GPT-2: shrink the projections that add into the residual stream, one pair per layer. Or, as
         # the speed runs do, start them at zero: each block begins as the identity.
@@ -293,7 +290,7 @@ class GPT(nn.Module):
         (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
         With a cache, the keys and values of idx are stored in it: without pos, idx holds positions
         0..T-1 (a prefill); with pos, a (1,) tensor, idx (B, 1) is the token at that position, which
-        the caller keeps below block_size (generate_tokens does)."""
+        the caller keeps below block_size (generate.generate_tokens does)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -327,57 +324,29 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float],
-        device_type: str,
-        muon_lr: float | None = None,
-        muon_momentum: float = 0.95,
-        muon_ns_steps: int = 5,
-    ) -> list[torch.optim.Optimizer]:
-        """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains or biases.
-        With muon_lr: Muon (no weight decay) for the 2-D matrices inside the blocks - the attention and
-        MLP projections, each part of a fused q|k|v or gate|up matrix orthogonalised on its own - and
-        AdamW for the rest. Each param group carries lr_scale: its learning rate over learning_rate."""
+    def param_groups(self, weight_decay: float, muon: bool) -> tuple[list[dict], list[dict]]:
+        """AdamW's and Muon's parameter groups (optim.make_optimizers). AdamW decays matrices (embeddings,
+        projections), not norm gains or biases. With muon, Muon takes the 2-D matrices inside the blocks,
+        one group per way of splitting them: "parts", the row counts of the matrices fused into each
+        (q|k|v, gate|up), or None for whole ones (wo, down)."""
         params = [p for p in self.parameters() if p.requires_grad]
         in_blocks = {id(p) for p in self.layers.parameters()}
-        muon_params = [p for p in params if p.dim() == 2 and id(p) in in_blocks] if muon_lr else []
+        muon_params = [p for p in params if p.dim() == 2 and id(p) in in_blocks] if muon else []
         adamw_params = [p for p in params if id(p) not in {id(q) for q in muon_params}]
-        groups = [
-            {
-                "params": [p for p in adamw_params if p.dim() >= 2],
-                "weight_decay": weight_decay,
-                "lr_scale": 1.0,
-            },
-            {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
+        adamw_groups = [
+            {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # The fused kernel updates every tensor in one pass instead of several ops per tensor: a few launches
-        # on CUDA; on CPU a 3-5x faster step than the default loop (12.6M parameters: 40 -> 11 ms).
-        fused = device_type in ("cuda", "cpu")
-        optimizers: list[torch.optim.Optimizer] = [
-            torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # q, k, v (and gate, up) are orthogonalised apart, as if unfused: measured better than whole.
+        cfg = self.config
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        parts_of = {id(b.attn.wqkv.weight): (q, kv, kv) for b in self.layers}
+        parts_of |= {id(b.mlp.gate_up.weight): (cfg.intermediate_size,) * 2 for b in self.layers}
+        muon_groups = [
+            {"params": [p for p in muon_params if parts_of.get(id(p)) == parts], "parts": parts}
+            for parts in dict.fromkeys(parts_of.get(id(p)) for p in muon_params)
         ]
-        if muon_params:
-            # q, k, v (and gate, up) are orthogonalised apart, as if unfused: measured better than whole.
-            cfg = self.config
-            q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-            parts_of = {id(b.attn.wqkv.weight): (q, kv, kv) for b in self.layers}  # row counts of the parts
-            parts_of |= {id(b.mlp.gate_up.weight): (cfg.intermediate_size,) * 2 for b in self.layers}
-            muon_groups = [  # one group per way of splitting: None = whole (wo, down)
-                {
-                    "params": [p for p in muon_params if parts_of.get(id(p)) == parts],
-                    "parts": parts,
-                    "lr_scale": muon_lr / learning_rate,
-                }
-                for parts in dict.fromkeys(parts_of.get(id(p)) for p in muon_params)
-            ]
-            muon = Muon(
-                muon_groups, lr=muon_lr, weight_decay=0.0, momentum=muon_momentum, ns_steps=muon_ns_steps
-            )
-            optimizers.insert(0, muon)
-        return optimizers
+        return adamw_groups, muon_groups
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward + backward FLOPs per token: 6 per matmul weight, plus attention over seq_len positions."""
@@ -386,167 +355,3 @@ class GPT(nn.Module):
         attended = min(T, cfg.sliding_window or T)  # keys per query, at most
         attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * attended
         return 6 * self.get_num_params(non_embedding=True) + attention
-
-    @torch.inference_mode()
-    def generate_tokens(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        compile: bool = False,
-    ) -> Iterator[torch.Tensor]:
-        """Yield max_new_tokens new tokens (B, 1), one per step, continuing the prompts idx (B, T).
-
-        The prompt is prefilled into a KV cache once, eagerly; then each step feeds only the newest token
-        at a position tensor: a step of one shape from the first token to the last, which compile=True
-        runs compiled (compiled_forward). Context never exceeds block_size: a longer prompt keeps its last
-        block_size tokens, and when the positions reach block_size the context restarts from the most
-        recent block_size // 2 tokens, re-prefilled, so every token is predicted from between
-        block_size // 2 and block_size tokens of context. A sliding-window model's cache holds only its
-        window, a rolling buffer: up to block_size its tokens are exactly those of a full forward.
-        """
-        B, T = idx.shape
-        if T == 0:
-            raise ValueError("generation needs at least one prompt token (e.g. an end-of-text token)")
-        block_size = self.config.block_size
-        prompt_len = min(T, block_size)
-        context_len = min(block_size, prompt_len + max_new_tokens)
-        cache = KVCache(self.config.n_layer, self.kv_cache_length(T, max_new_tokens), idx.device)
-        context = torch.empty(B, context_len, dtype=torch.long, device=idx.device)  # tokens at 0..pos-1
-        context[:, :prompt_len] = idx[:, -prompt_len:]
-        pos = prompt_len  # the position of the next token fed
-        logits, _ = self(context[:, :pos], cache=cache)
-        decode = self
-        if compile:
-            decode = self.compiled_forward()
-            for buffer in cache.k + cache.v:  # a CUDA graph writes in place only inputs at fixed addresses
-                torch._dynamo.mark_static_address(buffer)
-        position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
-            yield next_token
-            if step == max_new_tokens - 1:
-                break
-            if pos == block_size:  # context full: restart it from the most recent tokens
-                keep = max(1, block_size // 2)
-                context[:, : keep - 1] = context[:, pos - keep + 1 : pos].clone()
-                context[:, keep - 1] = next_token[:, 0]
-                logits, _ = self(context[:, :keep], cache=cache)
-                pos = keep
-            else:
-                context[:, pos] = next_token[:, 0]
-                position.fill_(pos)
-                logits, _ = decode(next_token, cache=cache, pos=position)
-                pos += 1
-
-    def kv_cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
-        """Slots in generate_tokens' KV cache: the positions the generation reaches, at most block_size
-        (no more: a long-context model would otherwise reserve its whole context), and at most the
-        sliding window, whose cache is a rolling buffer."""
-        context_len = min(self.config.block_size, prompt_len + max_new_tokens)
-        return min(context_len, self.config.sliding_window or context_len)
-
-    def compiled_forward(self) -> Callable[..., tuple[torch.Tensor, None]]:
-        """forward under torch.compile, for the decode steps: their shapes never change, so one graph
-        serves every position of every generation with the same batch size and cache length. On CUDA
-        it replays as a CUDA graph (triton.cudagraphs, what mode="reduce-overhead" sets): one launch
-        per token instead of hundreds. Without size_asserts, the run-time check of every library
-        kernel's output shape, a debugging aid, goes: 6-8% of a Shakespeare-model step on CPU. Not
-        fullgraph=True: past torch's limit of graphs per function (8), a new shape runs eagerly
-        instead of failing."""
-        if self._compiled_forward is None:
-            options = {"triton.cudagraphs": self.rope_cos.is_cuda, "size_asserts": False}
-            self._compiled_forward = torch.compile(self.forward, options=options)
-        return self._compiled_forward
-
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        compile: bool = False,
-    ) -> torch.Tensor:
-        """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
-        temperature 0 is greedy; see generate_tokens for how context beyond block_size is handled."""
-        new_tokens = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, compile))
-        return torch.cat([idx, *new_tokens], dim=1)
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf every logit (B, vocab) outside the top_k, and outside the nucleus: the smallest set
-    of most likely tokens whose probabilities sum to at least top_p."""
-    if top_k is not None and top_k < logits.size(-1):  # top_k >= vocab keeps all: skip a topk per token
-        kth_best = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-        drop_sorted = mass_before >= top_p  # those before it already reach top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_next_token(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> torch.Tensor:
-    """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon (Nesterov momentum, then Newton-Schulz orthogonalisation of each matrix's
-    update, scaled by sqrt(max(1, rows / cols)) as in the speed runs), with two changes:
-    - float32 Newton-Schulz off CUDA: torch's runs in bfloat16, and a CPU without native bf16
-      multiplies bf16 matrices ~100x slower than float32 ones;
-    - a group may give "parts", the row counts of the matrices fused into each of its parameters
-      (q|k|v, gate|up): each part is orthogonalised on its own, as if the projections were apart.
-    Matrices of one shape go through Newton-Schulz together, in one batched pass."""
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # torch's optimizers take a closure; Muon needs none
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            pairs = []  # (part of a weight, its update)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                p.mul_(1 - lr * group["weight_decay"])
-                rows = group.get("parts") or p.size(0)
-                pairs += zip(p.split(rows), update.split(rows))
-            for shape in dict.fromkeys(update.shape for _, update in pairs):
-                same = [(weight, update) for weight, update in pairs if update.shape == shape]
-                orthogonal = newton_schulz(
-                    torch.stack([update for _, update in same]),
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                )
-                for (weight, _), update in zip(same, orthogonal):
-                    weight.add_(update.to(weight.dtype), alpha=-lr * max(1, shape[0] / shape[1]) ** 0.5)
-
-
-def newton_schulz(
-    G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
-) -> torch.Tensor:
-    """Matrices G (N, rows, cols) -> U S' V^T where G = U S V^T and S' has entries near 1 (roughly 0.5 to
-    1.5 with the speed runs' quintic coefficients, which trade exactness for fewer steps)."""
-    a, b, c = coefficients
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    wide = X.size(-2) <= X.size(-1)
-    X = X if wide else X.mT  # iterate on the smaller Gram matrix X X^T
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = X @ X.mT  # (N, small, small)
-        X = a * X + (b * gram + c * gram @ gram) @ X
-    return X if wide else X.mT

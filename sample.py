@@ -5,10 +5,8 @@ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 
 import codecs
 import functools
-import itertools
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +14,16 @@ import torch
 
 from checkpoint import load_model_and_tokenizer
 from configurator import parse_config
+from generate import (
+    COMPILE_MIN_TOKENS,
+    check_kv_cache_fits,
+    compile_decode_step,
+    generate_tokens,
+    should_compile,
+)
 from model import GPT
-from runtime import ConfigError, UserError, exit_on_error, free_memory_bytes, pick_device, pick_dtype
+from runtime import ConfigError, UserError, autocast, exit_on_error, pick_device, pick_dtype
 from tokenizer import Tokenizer
-
-# Tokens per sample from which sample.py compiles the decode step by default: where the compile repays
-# itself for the main job's model on a 2-core CPU. Measured quietly: a compile of 3.6-8 s against ~0.85
-# ms saved a token (~740 -> ~2,000 tokens/s), repaid after 4,000-9,500 tokens. The first compile on a
-# machine, with torch's compile cache cold, takes several times longer.
-COMPILE_MIN_TOKENS = 10_000
 
 DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
 
@@ -115,22 +114,6 @@ def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
         ) from None
 
 
-def compile_decode_step(steps: Iterator[torch.Tensor]) -> float:
-    """Compile the decode step for this batch and cache length by taking two tokens from steps, a
-    compiled generation, and dropping it; the seconds it took. A failed compile (no C++ compiler, say)
-    is a UserError."""
-    started = time.perf_counter()
-    try:
-        for token in itertools.islice(steps, 2):
-            token.cpu()  # waits for the device
-    except torch._dynamo.exc.TorchDynamoException as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"compiling the decode step failed ({reason}); run with --compile=False") from None
-    finally:
-        steps.close()
-    return time.perf_counter() - started
-
-
 def generate_and_print(
     model: GPT,
     tokenizer: Tokenizer,
@@ -144,11 +127,11 @@ def generate_and_print(
     # Holds back the bytes of an unfinished character: a BPE token can end in the middle of one.
     first_row = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new_tokens = []  # one (num_samples, 1) tensor per step
-    compile = cfg.compile if cfg.compile is not None else cfg.max_new_tokens >= COMPILE_MIN_TOKENS
+    compile = should_compile(cfg.compile, cfg.max_new_tokens)
     generate = functools.partial(
-        model.generate_tokens, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+        generate_tokens, model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
     )
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(device, dtype):
         if compile:
             compile_s = compile_decode_step(generate(compile=True))
             print(f"compiled the decode step in {compile_s:.1f} s (not counted below)", file=sys.stderr)
@@ -175,22 +158,6 @@ def generate_and_print(
     )
 
 
-def check_kv_cache_fits(
-    model: GPT, cfg: SampleConfig, prompt_len: int, device: torch.device, dtype: torch.dtype
-) -> None:
-    """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
-    c = model.config
-    slots = cfg.num_samples * model.kv_cache_length(prompt_len, cfg.max_new_tokens)
-    needed = 2 * c.n_layer * c.n_kv_head * c.head_dim * slots * dtype.itemsize  # keys and values
-    free = free_memory_bytes(device)
-    if free is not None and needed > free:
-        raise ConfigError(
-            f"num_samples={cfg.num_samples} x {slots // cfg.num_samples} positions need a KV cache of "
-            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
-            "lower num_samples or max_new_tokens"
-        )
-
-
 def sample(cfg: SampleConfig) -> None:
     check_values(cfg)
     device = pick_device(cfg.device)
@@ -205,7 +172,7 @@ def sample(cfg: SampleConfig) -> None:
             f"the model sees only its last {block_size} tokens",
             file=sys.stderr,
         )
-    check_kv_cache_fits(model, cfg, len(prompt_ids), device, dtype)
+    check_kv_cache_fits(model.config, cfg.num_samples, len(prompt_ids), cfg.max_new_tokens, device, dtype)
     generate_and_print(model, tokenizer, prompt_ids, prompt_text, cfg, device, dtype)
 
 

@@ -43,6 +43,7 @@ from dataset import check_data_fits, get_batch, load_meta, read_tokens, resolve_
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
 from model import GPT, GPTConfig
+from optim import make_optimizers
 from runtime import (
     ConfigError,
     UserError,
@@ -414,15 +415,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     raw_model, checkpoint, cfg = init_model(cfg, meta)
     check_data_fits(data_dir, meta, cfg.block_size)
     model, train_model = parallelize(raw_model, cfg, device, dtype)
-    optimizers = raw_model.configure_optimizers(  # after sharding: they update this process's shards
-        cfg.weight_decay,
-        cfg.learning_rate,
-        (cfg.beta1, cfg.beta2),
-        device.type,
-        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
-        muon_momentum=cfg.muon_momentum,
-        muon_ns_steps=cfg.muon_ns_steps,
-    )
+    optimizers = new_optimizers(raw_model, cfg, device)  # after sharding: they update its shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     resumed = cfg.init_from == "resume" and not cfg.eval_only
     iter_num = checkpoint["iter_num"] if checkpoint is not None and (resumed or cfg.eval_only) else 0
@@ -431,12 +424,11 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     )
     del checkpoint  # the weights now live in the model and optimizer
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
-    mixed = autocast(device, dtype) if cfg.parallelism != "fsdp" else nullcontext()
     keep_until = iter_num if resumed else math.inf if cfg.eval_only else None
     run = Run(
         cfg=cfg,
         device=device,
-        autocast=mixed,
+        autocast=autocast(device, dtype) if cfg.parallelism != "fsdp" else nullcontext(),
         data_dir=data_dir,
         meta=meta,
         raw_model=raw_model,
@@ -456,6 +448,19 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         write_run_config(cfg)
     print_setup(run, dtype)
     return run
+
+
+def new_optimizers(raw_model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    return make_optimizers(
+        raw_model,
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        device.type,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
+        muon_momentum=cfg.muon_momentum,
+        muon_ns_steps=cfg.muon_ns_steps,
+    )
 
 
 def padded_vocab_size(vocab_size: int) -> int:

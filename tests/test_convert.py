@@ -24,7 +24,9 @@ from checkpoint import (  # noqa: E402
     model_from_checkpoint,
     save_checkpoint,
 )
+from generate import generate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from optim import make_optimizers  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +108,8 @@ def train_and_save(
     config = GPTConfig(**{**shape, "rope_theta": 5000.0, "tie_embeddings": tie, **options})
     torch.manual_seed(0)
     model = GPT(config)
-    (optimizer,) = model.configure_optimizers(
-        weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
+    (optimizer,) = make_optimizers(
+        model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu"
     )
     successor = torch.randperm(vocab_size)
     for _ in range(steps):
@@ -191,7 +193,7 @@ def test_exported_trained_model_matches_transformers_logits_and_greedy_generatio
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, idx), theirs(idx).logits, atol=1e-4, rtol=0)
     expected = theirs.generate(idx, max_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(ours.generate(idx, 30, temperature=0), expected)
+    assert torch.equal(generate(ours, idx, 30, temperature=0), expected)
 
 
 def test_char_tokenizer_survives_export_and_import(tmp_path):
@@ -309,7 +311,7 @@ def test_imported_model_samples_through_the_hf_tokenizer_beside_it(tmp_path):
     model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "out")
     assert tokenizer.eot_token == 1 and tokenizer.decode(tokenizer.encode(text)) == text
     ids = tokenizer.encode("To be")
-    continuation = model.generate(torch.tensor([ids]), 5, temperature=0)[0, len(ids) :].tolist()
+    continuation = generate(model, torch.tensor([ids]), 5, temperature=0)[0, len(ids) :].tolist()
     streamed = b"".join(tokenizer.decode_bytes([i]) for i in continuation).decode()  # as sample.py streams
     assert streamed.strip() == tokenizer.decode(continuation).strip()
 
@@ -451,7 +453,7 @@ def test_exported_family_generates_like_transformers_past_the_window(tmp_path, f
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, prompt), theirs(prompt).logits, atol=1e-4, rtol=0)
     expected = theirs.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 30, temperature=0), expected)
+    assert torch.equal(generate(ours, prompt, 30, temperature=0), expected)
 
 
 def test_rope_scaling_and_rope_parameters_spellings_import_and_load_the_same(tmp_path):

@@ -24,6 +24,7 @@ from conftest import REPO_ROOT
 
 import convert
 import dataset
+import generate
 import metrics
 import sample
 import train
@@ -124,7 +125,7 @@ def compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
 
-    monkeypatch.setattr(GPT, "compiled_forward", lambda self: fail)
+    monkeypatch.setattr(generate, "compiled_forward", lambda model: fail)
 
 
 @dataclass

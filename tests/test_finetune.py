@@ -15,6 +15,7 @@ import convert
 import sample
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
+from generate import generate
 from tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -84,7 +85,7 @@ def test_imported_qwen3_fine_tunes_on_text_prepared_with_its_tokenizer_then_samp
     run_cli(sample.main, [f"--out_dir={out_ft}", "--start=ROMEO:", "--max_new_tokens=20", "--temperature=0"])
     model = model_from_checkpoint(checkpoint).eval()
     prompt = hf_tokenizer.encode("ROMEO:")
-    new_ids = model.generate(torch.tensor([prompt]), 20, temperature=0)[0, len(prompt) :].tolist()
+    new_ids = generate(model, torch.tensor([prompt]), 20, temperature=0)[0, len(prompt) :].tolist()
     streamed = get_tokenizer(checkpoint["tokenizer"]).decode_bytes(new_ids).decode("utf-8", errors="replace")
     assert capsys.readouterr().out == "ROMEO:" + streamed + "\n"
 

@@ -5,7 +5,9 @@ import torch
 from conftest import random_model
 
 from bench import generate_without_cache
-from model import GPT, GPTConfig, KVCache, filter_logits, rope_tables, sample_next_token
+from generate import filter_logits, generate, kv_cache_length, sample_next_token
+from model import GPT, GPTConfig, KVCache, rope_tables
+from optim import make_optimizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,7 +120,7 @@ def test_cached_decode_matches_full_forward(batch_size, options):
     model = random_model(config)
     idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
     prompt_len = 7
-    cache = KVCache(config.n_layer, model.kv_cache_length(prompt_len, config.block_size), idx.device)
+    cache = KVCache(config.n_layer, kv_cache_length(config, prompt_len, config.block_size), idx.device)
     assert cache.length == (5 if options else config.block_size)  # a sliding window: a rolling buffer
     with torch.no_grad():
         full = all_logits(model, idx)
@@ -137,7 +139,7 @@ def test_greedy_generate_with_cache_equals_repeated_full_forwards(batch_size, op
     prompt = torch.randint(0, config.vocab_size, (batch_size, 6))
     with torch.no_grad():
         expected = generate_without_cache(model, prompt, config.block_size - 6)  # a full forward per token
-    assert torch.equal(model.generate(prompt, config.block_size - 6, temperature=0), expected)
+    assert torch.equal(generate(model, prompt, config.block_size - 6, temperature=0), expected)
 
 
 def greedy_with_restarting_context(model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -159,7 +161,7 @@ def test_generate_past_block_size_restarts_from_the_last_half_block(batch_size, 
     config = tiny_config(block_size=16, **options)
     model = context_sensitive_model(config, seed=2)
     prompt = torch.randint(0, config.vocab_size, (batch_size, 20))  # longer than the context: last 16 kept
-    out = model.generate(prompt, 40, temperature=0)  # restarts at 16 positions, three times
+    out = generate(model, prompt, 40, temperature=0)  # restarts at 16 positions, three times
     with torch.no_grad():
         expected = greedy_with_restarting_context(model, prompt, 40)
     assert out.shape == (batch_size, 60) and torch.equal(out, expected)
@@ -170,11 +172,11 @@ def test_compiled_decode_gives_eager_tokens_with_one_graph(options):
     config = tiny_config(block_size=16, **options)
     model = context_sensitive_model(config, seed=3)
     prompt = torch.randint(0, config.vocab_size, (3, 5))
-    eager = model.generate(prompt, 30, temperature=0)  # past block_size: re-prefills run eagerly between
+    eager = generate(model, prompt, 30, temperature=0)  # past block_size: re-prefills run eagerly between
     counters = torch._dynamo.utils.counters  # torch's own tallies: graphs compiled, graph breaks
     counters.clear()
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), eager)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), eager)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), eager)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
@@ -258,7 +260,7 @@ def test_fixed_seed_gives_the_same_sample():
     runs = []
     for seed in (123, 123, 124):
         torch.manual_seed(seed)
-        runs.append(model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.9))
+        runs.append(generate(model, prompt, 20, temperature=1.0, top_k=20, top_p=0.9))
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
@@ -267,7 +269,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     config = tiny_config(n_layer=2, n_embd=64, n_head=4, n_kv_head=1, block_size=16)
     model = GPT(config)
-    (optimizer,) = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    (optimizer,) = make_optimizers(model, 0.0, 3e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, config.vocab_size, (4, 16))
     y = torch.roll(x, -1, dims=1)
     for step in range(300):  # noqa: B007 (the message below reports it)
@@ -301,7 +303,7 @@ def test_bf16_autocast_on_cpu_runs():
     x = torch.randint(0, config.vocab_size, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(x, x)
-        generated = model.generate(x[:, :4], 5, temperature=0)
+        generated = generate(model, x[:, :4], 5, temperature=0)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     assert generated.shape == (2, 9)
 
@@ -335,7 +337,7 @@ def test_mlp_size_is_derived_llama_style():
 def test_weight_decay_only_on_matrices_and_init_scales_residual_projections():
     config = tiny_config(n_layer=8, n_embd=128)
     model = GPT(config)
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")[0].param_groups
+    decay, no_decay = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")[0].param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -367,4 +369,4 @@ def test_loss_accepts_non_contiguous_targets_and_generate_rejects_empty_prompts(
     _, loss = model(tokens[:, :-1], tokens[:, 1:])  # a slice: not contiguous
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="at least one prompt token"):
-        model.generate(tokens[:, :0], 3)
+        generate(model, tokens[:, :0], 3)

@@ -13,6 +13,7 @@ from conftest import REPO_ROOT
 
 import sample
 from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
+from generate import generate
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -79,7 +80,7 @@ def model_continuations(
     model, tokenizer, _ = load_model_and_tokenizer(out_dir)
     idx = torch.tensor([prompt_ids] * rows)
     torch.manual_seed(seed)
-    generated = model.generate(idx, n, **sampling)[:, len(prompt_ids) :]
+    generated = generate(model, idx, n, **sampling)[:, len(prompt_ids) :]
     return [tokenizer.decode(row) for row in generated.tolist()]
 
 
@@ -195,7 +196,7 @@ def test_bpe_streaming_prints_only_whole_characters(bpe_dir):
     tokenizer = get_tokenizer(BPE_META)
     model, _, _ = load_model_and_tokenizer(bpe_dir)
     prompt_ids = tokenizer.encode(MULTIBYTE)
-    new_ids = model.generate(torch.tensor([prompt_ids]), 22, temperature=0)[0, len(prompt_ids) :].tolist()
+    new_ids = generate(model, torch.tensor([prompt_ids]), 22, temperature=0)[0, len(prompt_ids) :].tolist()
 
     def is_whole_text(ids: list[int]) -> bool:
         try:

@@ -24,8 +24,10 @@ from conftest import TORCHRUN
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import parse_config
+from generate import generate
 from loss_eval import full_val_loss
-from model import GPT, GPTConfig, Muon, newton_schulz
+from model import GPT, GPTConfig
+from optim import Muon, make_optimizers, newton_schulz
 from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def test_training_end_to_end_lowers_loss_and_writes_a_sampleable_checkpoint(char
     model = model_from_checkpoint(checkpoint).eval()
     tokenizer = get_tokenizer(checkpoint["tokenizer"])
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
-    text = tokenizer.decode(model.generate(prompt, max_new_tokens=20)[0].tolist())
+    text = tokenizer.decode(generate(model, prompt, max_new_tokens=20)[0].tolist())
     assert text.startswith("ROMEO:") and len(text) == 26
 
 
@@ -537,7 +539,7 @@ def test_a_signal_during_the_final_evaluation_cuts_it_short_and_saves(char_data,
 def test_muon_takes_exactly_the_2d_matrices_inside_the_blocks():
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
                           qk_norm=True, attn_bias=True))  # fmt: skip
-    muon, adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    muon, adamw = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}

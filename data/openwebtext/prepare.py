@@ -218,7 +218,7 @@ def encode_in_order(
             yield pending.popleft().get()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -241,7 +241,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.num_proc < 1 or args.val_every < 2:
         parser.error("--num_proc must be at least 1 and --val_every at least 2")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     enc = load_tiktoken(ENCODING)  # fail here, before any work, if the encoding is unavailable offline
     dtype = dtype_for_vocab(enc.n_vocab)
     texts, n_total = open_corpus(args.input, args.num_proc)
