@@ -61,6 +61,10 @@ POSITIVE: Rule = (lambda v: v > 0, "must be positive")
 BELOW_ONE: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def one_of(*allowed: str) -> Rule:
+    return (lambda v: v in allowed, f"must be one of {', '.join(allowed)}")
+
+
 def check_values(cfg: Any, rules: dict[str, Rule]) -> None:
     """Refuse the first value of cfg that breaks its rule: ConfigError '<key> <must ...>, got <value>'."""
     for key, (ok, must) in rules.items():

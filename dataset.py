@@ -1,11 +1,7 @@
-"""Reading a prepared data set: its folder, meta.json, and batches of its token files.
-
-A prepared data set is a folder holding
-  train.bin, val.bin  flat arrays of token ids (dtype from meta.json), read with np.memmap
-  meta.json           the tokenizer, vocab_size, dtype and token counts; written last, so its
-                      presence means the set is complete
-data/common.py writes them with the names below. No torch at import: the prepare scripts import this
-module through data/common.py and start in a fifth of a second (see runtime.py).
+"""Reading a prepared data set: its folder, meta.json (the tokenizer, vocab_size, dtype and token counts;
+written last, so its presence means the set is complete) and batches of train.bin and val.bin (flat
+token ids). data/common.py writes them with the names below. No torch at import: the prepare scripts
+import this module through data/common.py and start in a fifth of a second (see runtime.py).
 """
 
 from __future__ import annotations

@@ -88,18 +88,12 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
     return data_dir, read_tokens(data_dir, meta, "val")
 
 
-def task_list(cfg: EvalConfig) -> list[str]:
-    """The tasks to run, once cfg's values are checked."""
+def evaluate(cfg: EvalConfig) -> dict[str, float]:
+    """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
     check_values(cfg, {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE})
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:
         raise ConfigError("tasks is empty: name at least one of bpb, hellaswag or a task file")
-    return names
-
-
-def evaluate(cfg: EvalConfig) -> dict[str, float]:
-    """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
-    names = task_list(cfg)
     with processes(cfg.device) as device:
         mix = autocast(device, pick_dtype(cfg.dtype, device))
         model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model_and_tokenizer
-from configurator import parse_config
+from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
 from generate import (
     COMPILE_MIN_TOKENS,
     check_kv_cache_fits,
@@ -22,7 +22,7 @@ from generate import (
     should_compile,
 )
 from model import GPT
-from runtime import ConfigError, UserError, autocast, exit_on_error, pick_device, pick_dtype
+from runtime import UserError, autocast, exit_on_error, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
 DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
@@ -69,19 +69,6 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     compile: bool | None = None  # torch.compile the decode step; None = by max_new_tokens (see above)
-
-
-def check_values(cfg: SampleConfig) -> None:
-    checks = [
-        (cfg.num_samples >= 1, f"num_samples must be at least 1, got {cfg.num_samples}"),
-        (cfg.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}"),
-        (cfg.temperature >= 0, f"temperature must be 0 (greedy) or more, got {cfg.temperature}"),
-        (cfg.top_k is None or cfg.top_k >= 1, f"top_k must be at least 1 or None, got {cfg.top_k}"),
-        (cfg.top_p is None or 0 < cfg.top_p <= 1, f"top_p must be in (0, 1] or None, got {cfg.top_p}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
 
 
 def read_prompt(start: str) -> str:
@@ -159,7 +146,16 @@ def generate_and_print(
 
 
 def sample(cfg: SampleConfig) -> None:
-    check_values(cfg)
+    check_values(
+        cfg,
+        {
+            "num_samples": AT_LEAST_1,
+            "max_new_tokens": AT_LEAST_1,
+            "temperature": (lambda v: v >= 0, "must be 0 (greedy) or more"),
+            "top_k": AT_LEAST_1_OR_NONE,
+            "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or None"),
+        },
+    )
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg.start)

@@ -268,20 +268,3 @@ def score_task(
     examples = load_task(name, max_examples)
     scores = accuracy(model, tokenizer, examples, batch_size, device, autocast)
     return {f"{task_label(name)}/{metric}": value for metric, value in scores.items()}, len(examples)
-
-
-def task_scores(
-    model: GPT,
-    tokenizer: Tokenizer,
-    tasks: str,
-    max_examples: int | None,
-    batch_size: int,
-    device: torch.device,
-    autocast: AbstractContextManager | None = None,
-) -> dict[str, float]:
-    """acc and acc_norm of each multiple-choice task in tasks (comma-separated) on its first max_examples
-    examples: what train.py logs at every evaluation. Draws no random numbers."""
-    results = {}
-    for name in task_names(tasks):
-        results.update(score_task(model, tokenizer, name, max_examples, batch_size, device, autocast)[0])
-    return results

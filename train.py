@@ -38,7 +38,7 @@ from checkpoint import (
     model_from_checkpoint,
     save_training_state,
 )
-from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, check_values, parse_config
+from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, POSITIVE, check_values, one_of, parse_config
 from dataset import check_data_fits, get_batch, load_meta, read_tokens, resolve_data_dir
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
@@ -56,7 +56,7 @@ from runtime import (
     processes,
     world,
 )
-from tasks import task_names, task_scores
+from tasks import score_task, task_names
 from tokenizer import get_tokenizer, tokenizer_entry
 
 RUN_CONFIG_NAME = "config.json"  # the run's resolved config, what --init_from=resume restores
@@ -359,9 +359,9 @@ def evaluate(run: Run) -> float | None:
     or None if a stop signal on any process cut the evaluation short."""
     cfg, losses, scores = run.cfg, estimate_loss(run), {}
     if cfg.eval_tasks:  # the raw model: every batch of choices has its own length, too many to compile
-        tokenizer, examples = get_tokenizer(run.meta), cfg.eval_task_examples
-        args = (cfg.eval_tasks, examples, cfg.batch_size, run.device, run.autocast)
-        scores = task_scores(run.raw_model, tokenizer, *args)
+        tokenizer, args = get_tokenizer(run.meta), (cfg.eval_task_examples, cfg.batch_size, run.device)
+        for name in task_names(cfg.eval_tasks):  # draws no random numbers
+            scores |= score_task(run.raw_model, tokenizer, name, *args, run.autocast)[0]
     if agreed_stop_signal(run.stop_group):
         return None
     shown = "".join(f", {name} {value:.4f}" for name, value in scores.items())
@@ -637,27 +637,15 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Values no run can use, refused before any work (exit code 2)."""
     at_least_1 = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters")
     at_least_1 += ("eval_task_examples", "muon_ns_steps", "log_interval")
-    not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr")
-    not_negative += ("weight_decay", "grad_clip")
-    below_one = ("beta1", "beta2", "dropout", "muon_momentum")
-    check_values(
-        cfg,
-        dict.fromkeys(at_least_1, AT_LEAST_1)
-        | dict.fromkeys(not_negative, NOT_NEGATIVE)
-        | dict.fromkeys(below_one, BELOW_ONE),
-    )
+    not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
+    rules = dict.fromkeys(at_least_1, AT_LEAST_1) | dict.fromkeys(not_negative, NOT_NEGATIVE)
+    rules |= dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), BELOW_ONE)
+    rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE)
+    rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
+    rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
+    rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
+    check_values(cfg, rules)
     task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
-    if not 0 <= cfg.seed < 2**63:
-        raise ConfigError(f"seed must be in [0, 2**63), got {cfg.seed}")
-    if cfg.learning_rate <= 0 or cfg.muon_lr <= 0:
-        raise ConfigError(
-            f"learning_rate and muon_lr must be positive, got {cfg.learning_rate}, {cfg.muon_lr}"
-        )
-    for key, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    if not 0 < cfg.decay_frac <= 1:
-        raise ConfigError(f"decay_frac must be in (0, 1], got {cfg.decay_frac}")
     check_parallelism(cfg, world_size)
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,6 +1,6 @@
 """Throughput and peak memory of data/openwebtext/prepare.py on generated corpora of two sizes.
 
-    python data/openwebtext/benchmark.py [--sizes_mb 100 300] [--num_proc N]
+    python tests/prepare_memory.py [--sizes_mb 100 300] [--num_proc N]
 
 Each corpus is a .jsonl file of synthetic web-like documents written to a temporary folder (deleted
 afterwards): GPT-2 vocabulary words plus made-up ones, as rare words and names need several tokens.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, from any working dir
 from dataset import META_NAME
 from tokenizer import load_tiktoken
 
-PREPARE = Path(__file__).resolve().parent / "prepare.py"
+PREPARE = Path(__file__).resolve().parents[1] / "data" / "openwebtext" / "prepare.py"
 
 
 def word_list() -> list[str]:
