@@ -31,12 +31,20 @@ from pathlib import Path
 import psutil
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, load_model_and_tokenizer, model_from_checkpoint
 from configurator import read_config_file
-from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate, generate_tokens, sample_next_token
+from generate import (
+    COMPILE_MIN_TOKENS,
+    compile_decode_step,
+    generate,
+    generate_tokens,
+    kv_cache_length,
+    sample_next_token,
+)
 from model import GPT, GPTConfig
 from optim import make_optimizers
 from runtime import DTYPE_NAMES, autocast, exit_on_error, pick_device, pick_dtype
+from speculative import Draft, PromptLookup, Stats, speculative_tokens
 from tasks import continuation_logprobs
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -56,6 +64,8 @@ class Preset:
     no_cache_repeats: int  # its gap is several-fold: fewer repeats do
     matmul_size: int  # n of the n x n x n matmul that measures the peak FLOP/s
     choice_examples: int  # multiple-choice scoring: random examples of 4 choices, scored twice
+    speculative_tokens: int = 500  # --speculative: tokens per sample
+    draft_tokens: int = 4  # --speculative: tokens proposed per verification
 
 
 PRESETS = {
@@ -440,6 +450,44 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torc
     return results
 
 
+SPECULATIVE_PROMPT = "ROMEO:\n"  # the README's Shakespeare prompt; any text the model's tokenizer encodes
+
+
+def bench_speculative(model_dir: str, draft_dir: str, preset: Preset, device: torch.device, dtype) -> dict:
+    """Tokens/s of one sample of preset.speculative_tokens tokens, greedy and at sample.py's default
+    sampling (temperature 0.8, top_k 200): plain decoding, a draft proposing preset.draft_tokens tokens
+    per verification, and prompt lookup (n-grams up to 3), eager and compiled, timed alternately."""
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, device)
+    draft = load_model_and_tokenizer(draft_dir, device)[0]
+    prompt = torch.tensor([tokenizer.encode(SPECULATIVE_PROMPT)], device=device)
+    n, k = preset.speculative_tokens, preset.draft_tokens
+    length = kv_cache_length(draft.config, prompt.size(1), n, k)
+    results: dict = {"model_params": model.get_num_params(), "draft_params": draft.get_num_params()}
+    print(f"\n{n} tokens after {SPECULATIVE_PROMPT!r}, {k} proposed per verification: tokens/s")
+    for compile in (False, True):
+        for sampling in ((0.0, None, None), (0.8, 200, None)):
+            stats = {"draft": Stats(), "prompt lookup": Stats()}
+
+            def speculate(name: str, proposer) -> None:
+                vars(stats[name]).update(vars(Stats()))  # the counts of the last run only
+                list(speculative_tokens(model, proposer, prompt, n, k, sampling, compile, stats[name]))
+
+            runs = [
+                lambda: list(generate_tokens(model, prompt, n, *sampling, compile)),
+                lambda: speculate("draft", Draft(draft, length, compile)),
+                lambda: speculate("prompt lookup", PromptLookup(3)),
+            ]
+            with autocast(device, dtype):
+                plain, *others = (n / t for t in median_times(runs, preset.generate_repeats, device, True))
+            label = f"{'compiled' if compile else 'eager'}, temperature {sampling[0]}"
+            results[label] = {"plain": plain, **{name: vars(st) for name, st in stats.items()}}
+            print(f"{label:<26} plain {plain:,.0f}")
+            for (name, st), tokens_per_s in zip(stats.items(), others):
+                results[label][name]["tokens_per_s"] = tokens_per_s
+                print(f"{'':<26} {name} {tokens_per_s:,.0f} ({tokens_per_s / plain:.2f}x), {st.summary()}")
+    return results
+
+
 def bench_multiple_choice(
     model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, dtype: torch.dtype
 ) -> dict:
@@ -582,6 +630,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only: our training speed with each model option on against all off",
     )
+    parser.add_argument(
+        "--speculative",
+        nargs=2,
+        metavar=("MODEL_DIR", "DRAFT_DIR"),
+        help="only: MODEL_DIR's checkpoint decoding plainly, with DRAFT_DIR's as its draft, by prompt lookup",
+    )
     return parser.parse_args(argv)
 
 
@@ -613,7 +667,9 @@ def bench(argv: list[str] | None) -> None:
     )
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
-    if args.options:
+    if args.speculative:
+        results["speculative"] = bench_speculative(*args.speculative, preset, device, dtype)
+    elif args.options:
         results["option_tokens_per_s"] = bench_options(preset, device, dtype)
     else:
         results["peak_flops"] = measure_peak_flops(device, dtype, preset.matmul_size)

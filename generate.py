@@ -34,14 +34,22 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def probabilities(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor | None:
+    """The distribution (rows, vocab) sampling draws each row of logits (rows, vocab) from: the softmax of
+    the filtered logits over temperature. None for temperature 0, greedy (argmax)."""
+    if temperature == 0:
+        return None
+    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+
+
 def sample_next_token(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
     """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+    probs = probabilities(logits, temperature, top_k, top_p)
+    return logits.argmax(dim=-1, keepdim=True) if probs is None else torch.multinomial(probs, num_samples=1)
 
 
 @torch.inference_mode()
@@ -75,8 +83,7 @@ def generate_tokens(
     decode = model
     if compile:
         decode = compiled_forward(model)
-        for buffer in cache.k + cache.v:  # a CUDA graph writes in place only inputs at fixed addresses
-            torch._dynamo.mark_static_address(buffer)
+        mark_static(cache)
     position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
     for step in range(max_new_tokens):
         next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
@@ -103,12 +110,13 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> 
     return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
-def kv_cache_length(config: GPTConfig, prompt_len: int, max_new_tokens: int) -> int:
+def kv_cache_length(config: GPTConfig, prompt_len: int, max_new_tokens: int, proposed: int = 0) -> int:
     """Slots in generate_tokens' KV cache: the positions the generation reaches, at most block_size
     (no more: a long-context model would otherwise reserve its whole context), and at most the
-    sliding window, whose cache is a rolling buffer."""
+    sliding window, whose cache is a rolling buffer. A speculative decoder writes up to `proposed`
+    positions ahead: a rolling buffer keeps that many more, so none of them overwrites the window."""
     context_len = min(config.block_size, prompt_len + max_new_tokens)
-    return min(context_len, config.sliding_window or context_len)
+    return min(context_len, (config.sliding_window or context_len) + proposed)
 
 
 def check_kv_cache_fits(
@@ -149,6 +157,13 @@ def compiled_forward(model: GPT) -> Callable[..., tuple[torch.Tensor, None]]:
         options = {"triton.cudagraphs": model.rope_cos.is_cuda, "size_asserts": False}
         model._compiled_forward = torch.compile(model.forward, options=options)
     return model._compiled_forward
+
+
+def mark_static(cache: KVCache) -> None:
+    """Give the compiler the cache's buffers as fixed addresses: CUDA graphs write in place only to those."""
+    for buffer in [*cache.k, *cache.v, cache.held]:
+        if buffer is not None:  # allocated by the first forward that stores in the cache
+            torch._dynamo.mark_static_address(buffer)
 
 
 def compile_decode_step(steps: Iterator[torch.Tensor]) -> float:

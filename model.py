@@ -129,38 +129,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """Keys and values of every layer for one generation, in buffers of one shape from the first token
-    to the last. Position p is written in place at slot p % length, and a decoded token attends to all
-    slots under mask(pos): a decode step never changes shape, so one compiled graph serves them all.
-    A sliding-window model's cache is as long as its window W, a rolling buffer: a slot is overwritten
-    W positions later, when its key has left the window of every query to come."""
+    to the last. Position p is written in place at slot p % length, and decoded tokens attend to all
+    slots under a mask: a decode step never changes shape, so one compiled graph serves them all.
+    A sliding-window model's cache can be as short as its window W, a rolling buffer: a slot is
+    overwritten `length` positions later, when its key has left the window of every query to come.
+    The cache records the position each slot holds, so tokens written past the current position (a
+    speculative proposal that was rejected) are masked until overwritten: rolling back is free."""
 
     def __init__(self, n_layer: int, length: int, device: torch.device):
         self.length = length
         self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, n_kv_head, length, head_dim)
         self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.slots = torch.arange(length, device=device)
+        self.held = torch.full((length,), -1, device=device)  # the position in each slot; -1: none yet
+        self.slots = self.held[:0]  # the slots of the current forward's tokens
+        self.decoding = False  # the current forward's tokens attend to the cache, not only to each other
 
-    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """The slots of positions (T,), of the last `length` of them: a prefill longer than the cache
-        keeps only those."""
-        return positions[-self.length :] % self.length
+    def begin(self, positions: torch.Tensor, decoding: bool, window: int | None) -> torch.Tensor | None:
+        """Start a forward over the tokens at positions (T,). A prefill (decoding False) keeps the last
+        `length` of them and returns None; decoding returns the mask (T, length) of the slots each token
+        attends to: those holding a position at or before its own (and within the window)."""
+        kept = positions[-self.length :]
+        self.slots, self.decoding = kept % self.length, decoding
+        self.held.index_copy_(0, self.slots, kept)
+        if not decoding:
+            return None
+        held, query = self.held[None, :], positions[:, None]
+        visible = (held >= 0) & (held <= query)
+        return visible if window is None else visible & (held > query - window)
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the last len(slots) keys and values of k, v (B, n_kv_head, T, head_dim) to their slots,
-        in place."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the keys and values k, v (B, n_kv_head, T, head_dim) of this forward's kept tokens to
+        their slots, in place."""
         if self.k[layer] is None:  # allocated on first use, so it takes the dtype autocast gave k and v
             B, n_kv_head, _, head_dim = k.shape
             self.k[layer] = k.new_zeros(B, n_kv_head, self.length, head_dim)
             self.v[layer] = v.new_zeros(B, n_kv_head, self.length, head_dim)
-        kept = -slots.size(0)
-        self.k[layer].index_copy_(2, slots, k[:, :, kept:])
-        self.v[layer].index_copy_(2, slots, v[:, :, kept:])
-
-    def mask(self, pos: torch.Tensor) -> torch.Tensor:
-        """(1, length): True at the slots a token at position pos (a (1,) tensor) attends to, those
-        written so far. A rolling buffer is full from position W - 1 on and then holds exactly the
-        window: positions pos - W + 1 .. pos."""
-        return (self.slots <= pos)[None]
+        kept = -self.slots.size(0)
+        self.k[layer].index_copy_(2, self.slots, k[:, :, kept:])
+        self.v[layer].index_copy_(2, self.slots, v[:, :, kept:])
 
 
 class Attention(nn.Module):
@@ -179,8 +185,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
-        """With a cache, the keys and values of x's tokens are stored in its slots (see KVCache.slots_of)."""
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None):
+        """With a cache, the keys and values of x's tokens are stored in it (see KVCache.begin)."""
         B, T, _ = x.shape
         n_qk = self.n_head + self.n_kv_head
         qkv = self.wqkv(x).view(B, T, n_qk + self.n_kv_head, self.head_dim)
@@ -194,11 +200,11 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
-            cache.store(self.layer_idx, slots, k, v)
-            if T == 1:  # a decoded token attends to the whole cache, under the cache's mask
+            cache.store(self.layer_idx, k, v)
+            if cache.decoding:  # decoded tokens attend to the whole cache, under the cache's mask
                 k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, n_kv_head, length, head_dim)
         # Causal for T > 1 (training, or a prefill from position 0) unless a sliding-window mask is given;
-        # a decoded token sees the slots its mask allows. enable_gqa: each K/V head serves its query group.
+        # decoded tokens see the slots their mask allows. enable_gqa: each K/V head serves its query group.
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -234,8 +240,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None, slots=None):
-        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache, slots)
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), rope_cos, rope_sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -289,25 +295,25 @@ class GPT(nn.Module):
         """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
         (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
         With a cache, the keys and values of idx are stored in it: without pos, idx holds positions
-        0..T-1 (a prefill); with pos, a (1,) tensor, idx (B, 1) is the token at that position, which
-        the caller keeps below block_size (generate.generate_tokens does)."""
+        0..T-1 (a prefill); with pos, a (1,) tensor, idx continues the cached tokens from position pos
+        on, each token attending to the cache, and the logits are those of every position (B, T, vocab):
+        one decoded token, or a speculative proposal to verify. The caller keeps the positions below
+        block_size (generate.py does)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        if pos is not None and (cache is None or T > 1):
-            raise ValueError("pos is for decoding one token at a time, (B, 1), with a KV cache")
+        if pos is not None and cache is None:
+            raise ValueError("pos is for decoding with a KV cache: the position of idx's first token")
         x = self.tok_embeddings(idx)  # (B, T, n_embd)
         # A position tensor, not a Python int: a compiled decode step then has one graph for every position.
-        positions = torch.arange(T, device=idx.device) if pos is None else pos  # (T,)
+        positions = torch.arange(T, device=idx.device)  # (T,)
+        positions = positions if pos is None else pos + positions
         rope_cos = self.rope_cos[positions, None]  # (T, 1, head_dim): broadcast over heads
         rope_sin = self.rope_sin[positions, None]
-        mask, slots = None, None
         W = self.config.sliding_window
-        if cache is not None:  # computed once here rather than in every layer: a decode step is short
-            slots = cache.slots_of(positions)
-        if cache is not None and T == 1:  # one token attends to the cache's slots written so far
-            mask = cache.mask(positions)  # (1, cache length)
-        elif W is not None and T > W:  # T <= W is plain causal attention
+        # The cache's slots and mask are computed once here rather than in every layer: a step is short.
+        mask = None if cache is None else cache.begin(positions, decoding=pos is not None, window=W)
+        if mask is None and W is not None and T > W:  # T <= W is plain causal attention
             # Query i sees key j iff i - W < j <= i: transformers' sliding_window_overlay (masking_utils),
             # which its Mistral, Qwen2 and Qwen3 use.
             back = positions[:, None] - positions
@@ -316,10 +322,10 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
                 x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
             else:
-                x = block(x, rope_cos, rope_sin, mask, cache, slots)
+                x = block(x, rope_cos, rope_sin, mask, cache)
         x = self.norm(x)
-        if targets is None:
-            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all that sampling needs
+        if targets is None:  # sampling needs the last position's logits only, unless it verifies a proposal
+            return self.lm_head(x if pos is not None else x[:, -1:, :]), None
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss

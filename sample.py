@@ -4,25 +4,27 @@ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
 """
 
 import codecs
-import functools
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
+from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, NOT_NEGATIVE, check_values, parse_config
 from generate import (
     COMPILE_MIN_TOKENS,
     check_kv_cache_fits,
     compile_decode_step,
     generate_tokens,
+    kv_cache_length,
     should_compile,
 )
 from model import GPT
-from runtime import UserError, autocast, exit_on_error, pick_device, pick_dtype
+from runtime import ConfigError, UserError, autocast, exit_on_error, pick_device, pick_dtype
+from speculative import Draft, PromptLookup, Stats, check_draft, speculative_tokens
 from tokenizer import Tokenizer
 
 DESCRIPTION = f"""Generate text from out_dir/ckpt.pt with the tokenizer recorded in the checkpoint.
@@ -50,6 +52,11 @@ Prompts (start):
   characters outside a character-level vocabulary: an error naming them
 The KV cache holds num_samples x min(block_size, prompt + max_new_tokens) positions (a sliding-window
 model: at most its window); one larger than the memory free on the device is refused.
+Speculative decoding (draft, prompt_lookup): a smaller checkpoint with the same tokenizer (draft), or
+the tokens that followed the latest earlier occurrence of the context's last n-gram (prompt_lookup=n),
+propose draft_tokens tokens, and the model verifies them all in one forward pass. The output is the
+same as without: greedy token for token, sampling in distribution. One sample at a time; the summary
+adds the share of proposals kept and the tokens per model step.
 A missing, corrupt or tokenizer-less checkpoint is an error. An error prints a message on stderr,
 no traceback, and exits with status 1 (2 for an unknown key or a bad value, as in every CLI here)."""
 
@@ -69,6 +76,9 @@ class SampleConfig:
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     compile: bool | None = None  # torch.compile the decode step; None = by max_new_tokens (see above)
+    draft: str | None = None  # a smaller checkpoint with the same tokenizer proposes tokens (see above)
+    prompt_lookup: int = 0  # propose what followed the context's last n-gram, n up to this; 0 = off
+    draft_tokens: int = 4  # tokens proposed per verification, with draft or prompt_lookup
 
 
 def read_prompt(start: str) -> str:
@@ -102,31 +112,28 @@ def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
 
 
 def generate_and_print(
-    model: GPT,
     tokenizer: Tokenizer,
-    prompt_ids: list[int],
+    stream: Callable[[bool], Iterator[torch.Tensor]],
     prompt_text: str,
     cfg: SampleConfig,
     device: torch.device,
     dtype: torch.dtype,
+    stats: Stats | None,
 ) -> None:
-    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    """Print the tokens stream(compile) generates, (num_samples, 1) each, and a summary on stderr."""
     # Holds back the bytes of an unfinished character: a BPE token can end in the middle of one.
     first_row = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new_tokens = []  # one (num_samples, 1) tensor per step
     compile = should_compile(cfg.compile, cfg.max_new_tokens)
-    generate = functools.partial(
-        generate_tokens, model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
-    )
     with autocast(device, dtype):
         if compile:
-            compile_s = compile_decode_step(generate(compile=True))
+            compile_s = compile_decode_step(stream(True))
             print(f"compiled the decode step in {compile_s:.1f} s (not counted below)", file=sys.stderr)
         print(prompt_text, end="", flush=True)
         torch.manual_seed(cfg.seed)  # seeds CUDA too; after loading and compiling, so nothing before counts
         started = time.perf_counter()
         first_token_s = 0.0
-        for step, token in enumerate(generate(compile=compile)):
+        for step, token in enumerate(stream(compile)):
             token = token.cpu()  # waits for the device, so the timings below are real
             if step == 0:
                 first_token_s = time.perf_counter() - started
@@ -140,9 +147,46 @@ def generate_and_print(
     n_tokens = cfg.num_samples * len(new_tokens)
     print(
         f"{n_tokens} tokens ({cfg.num_samples} x {len(new_tokens)}) in {elapsed:.2f} s: "
-        f"{n_tokens / elapsed:.1f} tokens/s, time to first token {first_token_s * 1000:.0f} ms",
+        f"{n_tokens / elapsed:.1f} tokens/s, time to first token {first_token_s * 1000:.0f} ms"
+        + (f"; {stats.summary()}" if stats else ""),
         file=sys.stderr,
     )
+
+
+def token_stream(
+    cfg: SampleConfig, model: GPT, checkpoint: dict, prompt_ids: list[int], device: torch.device
+) -> tuple[Callable[[bool], Iterator[torch.Tensor]], Stats | None]:
+    """stream(compile), the generation to print: plain, or speculative (then with its Stats)."""
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.draft is None and not cfg.prompt_lookup:
+        return lambda compile: generate_tokens(model, idx, cfg.max_new_tokens, *sampling, compile), None
+    if cfg.draft is not None and cfg.prompt_lookup:
+        raise ConfigError("draft and prompt_lookup are two ways of proposing tokens: set one of them")
+    if cfg.num_samples != 1:
+        raise ConfigError(
+            f"speculative decoding generates one sample at a time: num_samples=1, not {cfg.num_samples}"
+        )
+    draft, same_tokenizer = None, True
+    if cfg.draft is not None:
+        draft, _, draft_checkpoint = load_model_and_tokenizer(cfg.draft, device)
+        same_tokenizer = draft_checkpoint["tokenizer"] == checkpoint["tokenizer"]
+    context = min(model.config.block_size, len(prompt_ids) + cfg.max_new_tokens)
+    check_draft(model, draft, same_tokenizer, cfg.draft_tokens, context)
+    stats = Stats()
+
+    def stream(compile: bool) -> Iterator[torch.Tensor]:
+        vars(stats).update(vars(Stats()))  # counts of this stream only
+        if draft is None:
+            proposer = PromptLookup(cfg.prompt_lookup)
+        else:
+            length = kv_cache_length(draft.config, len(prompt_ids), cfg.max_new_tokens, cfg.draft_tokens)
+            proposer = Draft(draft, length, compile)
+        return speculative_tokens(
+            model, proposer, idx, cfg.max_new_tokens, cfg.draft_tokens, sampling, compile, stats
+        )
+
+    return stream, stats
 
 
 def sample(cfg: SampleConfig) -> None:
@@ -154,12 +198,13 @@ def sample(cfg: SampleConfig) -> None:
             "temperature": (lambda v: v >= 0, "must be 0 (greedy) or more"),
             "top_k": AT_LEAST_1_OR_NONE,
             "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or None"),
+            "prompt_lookup": NOT_NEGATIVE,
         },
     )
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg.start)
-    model, tokenizer, _ = load_model_and_tokenizer(cfg.out_dir, device)
+    model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
     prompt_ids = encode_prompt(prompt_text, tokenizer)
     block_size = model.config.block_size
     if len(prompt_ids) > block_size:
@@ -169,7 +214,8 @@ def sample(cfg: SampleConfig) -> None:
             file=sys.stderr,
         )
     check_kv_cache_fits(model.config, cfg.num_samples, len(prompt_ids), cfg.max_new_tokens, device, dtype)
-    generate_and_print(model, tokenizer, prompt_ids, prompt_text, cfg, device, dtype)
+    stream, stats = token_stream(cfg, model, checkpoint, prompt_ids, device)
+    generate_and_print(tokenizer, stream, prompt_text, cfg, device, dtype, stats)
 
 
 def main(argv: list[str] | None = None) -> None:
