@@ -161,7 +161,7 @@ def train(cfg: TrainConfig) -> int:
     _stop_signal = 0
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with processes(cfg.device) as device:
+        with processes(cfg.device, group_of_one=cfg.parallelism == "fsdp") as device:
             stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             check_config(cfg, world()[1])
             run = setup(cfg, device, stop_group)
@@ -601,7 +601,10 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
     )
-    print0(memory_per_process(run, cfg.parallelism if world_size > 1 else "one process"))
+    layout = cfg.parallelism if world_size > 1 else "one process"
+    if cfg.parallelism == "fsdp" and world_size == 1:
+        layout = "fsdp in one process, the sharded code path: it saves no memory"
+    print0(memory_per_process(run, layout))
     if run.resumed:
         print0(f"resumed from iter {run.iter_num} of the checkpoint in {cfg.out_dir}")
 
@@ -661,11 +664,6 @@ def check_parallelism(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.parallelism not in ("ddp", "fsdp"):
         raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
-    if cfg.parallelism == "fsdp" and world_size == 1:
-        raise ConfigError(
-            "parallelism='fsdp' shards the model over the processes torchrun starts; in one process "
-            "use the default (ddp), or start several: torchrun --nproc_per_node=N train.py ..."
-        )
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "

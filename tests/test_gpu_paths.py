@@ -95,3 +95,26 @@ def test_kv_cache_holds_keys_and_values_in_the_autocast_dtype_with_qk_norm(monke
             assert fits
         except ConfigError:
             assert not fits
+
+
+def run_train(out_dir: Path, data_dir: Path, *flags: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={out_dir}", f"--data_dir={data_dir}", *TINY, *flags])
+    return exit_info.value.code
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    records = map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["iter"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_float16_with_the_gradient_scaler_resumes_exactly(char_data, tmp_path):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert run_train(whole, char_data, "--dtype=float16", "--max_iters=4") == 0
+    assert run_train(halves, char_data, "--dtype=float16", "--max_iters=2", "--eval_interval=2") == 0
+    scaler = load_checkpoint(halves)["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler  # the scaler's state is saved
+    assert run_train(halves, char_data, "--dtype=float16", "--max_iters=4", "--init_from=resume") == 0
+    assert losses(halves) == losses(whole)
+    # the resumed scaler carried on from the saved one: its count of steps since the last overflow too
+    assert load_checkpoint(halves)["scaler"] == load_checkpoint(whole)["scaler"]
