@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import TORCHRUN
@@ -31,16 +32,25 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
 
 
 def run(out_dir: Path, data_dir: Path, *flags: str, nproc: int = 1, timeout: float = 300) -> str:
-    """train.py as its own process(es); its output. Every run, one or two processes, must exit 0."""
+    """train.py as its own process(es); its output. Every run, one or two processes, must exit 0. Past
+    timeout the run's processes are killed (a hung collective ignores SIGTERM), and the test fails."""
     launcher = {1: [sys.executable], 2: TORCHRUN}[nproc]
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [*launcher, str(REPO / "train.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}",
          *TINY, *flags],
-        capture_output=True, text=True, timeout=timeout, cwd=out_dir.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out_dir.parent,
         env={**ENV, "TIKTOKEN_CACHE_DIR": str(REPO.parent / "shared" / "tiktoken_cache")},
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for worker in psutil.Process(proc.pid).children(recursive=True):  # torchrun's: sessions of their own
+            worker.kill()
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"train.py did not finish in {timeout} s:\n{stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -150,7 +160,7 @@ def test_fsdp_in_bf16_scores_tasks_split_unevenly_over_the_processes(char_data, 
     three.write_text("".join(task.read_text().splitlines(keepends=True)[:3]))
     out = tmp_path / "out"
     flags = ("--max_iters=2", "--parallelism=fsdp", "--dtype=bfloat16", f"--eval_tasks={task},{three}")
-    run(out, char_data, *flags, "--eval_task_examples=4", "--batch_size=1", nproc=2, timeout=90)
+    run(out, char_data, *flags, "--eval_task_examples=4", "--batch_size=1", nproc=2, timeout=60)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in records if "three/acc" in r and "tiny_task/acc" in r]
     assert [r["iter"] for r in scored] == [0, 2]
@@ -177,7 +187,6 @@ def test_activation_checkpointing_gives_the_same_losses(char_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_of_one_worker_during_sharded_saves_leaves_a_resumable_checkpoint(char_data, tmp_path):
-    psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
     command = [*TORCHRUN, str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY,
                "--eval_interval=1", "--max_iters=100000", "--parallelism=fsdp"]  # fmt: skip
