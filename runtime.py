@@ -136,7 +136,8 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested not in DTYPE_NAMES:
         raise ConfigError(f"dtype={requested!r}: use auto, {', '.join(DTYPE_NAMES)}")
     if requested == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{torch.cuda.get_device_name(device)} cannot compute in bfloat16; use --dtype=auto")
+        gpu = torch.cuda.get_device_name(device)
+        raise ConfigError(f"{gpu} cannot compute in bfloat16; use --dtype=auto")
     return getattr(torch, requested)
 
 
