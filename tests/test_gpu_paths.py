@@ -5,18 +5,17 @@ What the CPU cannot reach (NCCL, CUDA graphs, pinned memory, real GPU memory) te
 checks on a GPU; docs/gpu.md lists which is which."""
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TORCHRUN
 
-import runtime
+import generate as generate_module
 import train
 from checkpoint import load_checkpoint
-import generate as generate_module
 from generate import check_kv_cache_fits, generate
 from model import GPT, GPTConfig, KVCache
 from runtime import ConfigError, autocast, pick_device, pick_dtype
@@ -26,8 +25,9 @@ TASK = REPO / "tests" / "tiny_task.jsonl"
 TINY = (
     "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
     "--gradient_accumulation_steps=2", "--eval_iters=2", "--eval_interval=1000", "--log_interval=1",
-    "--warmup_iters=2", "--learning_rate=3e-3", "--eval_full=False", "--seed=7",
+    "--warmup_iters=2", "--learning_rate=3e-3", "--lr_decay_iters=10", "--eval_full=False", "--seed=7",
 )  # fmt: skip
+QK_NORM_SHAPE = dict(vocab_size=64, n_head=4, n_kv_head=2, n_embd=32, qk_norm=True)
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
 
 
@@ -80,7 +80,7 @@ def test_auto_dtype_is_float16_where_bf16_is_only_emulated(monkeypatch):
 
 
 def test_kv_cache_holds_keys_and_values_in_the_autocast_dtype_with_qk_norm(monkeypatch):
-    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qk_norm=True)
+    config = GPTConfig(block_size=16, n_layer=2, **QK_NORM_SHAPE)
     model = GPT(config).eval()
     cache = KVCache(config.n_layer, 16, torch.device("cpu"))
     with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
@@ -118,3 +118,46 @@ def test_float16_with_the_gradient_scaler_resumes_exactly(char_data, tmp_path):
     assert losses(halves) == losses(whole)
     # the resumed scaler carried on from the saved one: its count of steps since the last overflow too
     assert load_checkpoint(halves)["scaler"] == load_checkpoint(whole)["scaler"]
+
+
+COMPILED = ("--max_iters=3", "--n_layer=1")  # one block: compile time grows with the blocks
+
+
+@pytest.fixture(scope="module")
+def eager_losses(char_data, tmp_path_factory) -> dict[int, float]:
+    """What the compiled runs must match: the same iterations, eager, in one process."""
+    out = tmp_path_factory.mktemp("eager") / "out"
+    assert run_train(out, char_data, *COMPILED, "--compile=False") == 0
+    return losses(out)
+
+
+def test_compiled_training_with_activation_checkpointing_matches_eager(char_data, eager_losses, tmp_path):
+    flags = ("--compile=True", "--activation_checkpointing=True")
+    assert run_train(tmp_path / "out", char_data, *COMPILED, *flags) == 0
+    assert losses(tmp_path / "out") == pytest.approx(eager_losses, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_compiled_training_on_two_processes_matches_eager(char_data, eager_losses, tmp_path, parallelism):
+    """2 iterations: compiling is what it costs, and the first iterations already show a compiled
+    graph that computes something else."""
+    out = tmp_path / "out"
+    command = [str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY, *COMPILED]
+    result = subprocess.run(
+        [*TORCHRUN, *command, "--max_iters=2", "--compile=True", f"--parallelism={parallelism}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **ENV},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == pytest.approx({i: eager_losses[i] for i in (1, 2)}, rel=1e-4)
+
+
+def test_compiled_decoding_under_bf16_autocast_gives_the_eager_tokens():
+    config = GPTConfig(block_size=32, n_layer=1, **QK_NORM_SHAPE)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        eager = generate(model, prompt, 12, temperature=0)
+        compiled = generate(model, prompt, 12, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
