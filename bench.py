@@ -489,6 +489,12 @@ def print_table(r: dict, preset: Preset) -> None:
     row(f"train tokens/s (batch {preset.batch_size} x {preset.seq_len})", *pair(r, "train_tokens_per_s"))
     row("train MFU (of measured peak)", *(100 * v for v in pair(r, "mfu")), fmt="{:.1f}%")
     row("train step peak memory (MiB)", mib["ours"], mib["peer"])
+    print_generation(r, preset)
+    print_ours(r, preset)
+
+
+def print_generation(r: dict, preset: Preset) -> None:
+    """Generation, ours against transformers'."""
     for batch in (1, 8):
         decode = r[f"decode_tokens_per_s_batch{batch}"]
         bound = r[f"bandwidth_bound_tokens_per_s_batch{batch}"]
@@ -525,7 +531,6 @@ def print_table(r: dict, preset: Preset) -> None:
     print(
         f"compiling the decode step, the first compiled call's first two tokens (batch 1, 8): {compile_s} s"
     )
-    print_ours(r, preset)
 
 
 def print_ours(r: dict, preset: Preset) -> None:
@@ -589,6 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only: our training speed with each model option on against all off",
     )
+    parser.add_argument(
+        "--generation",
+        action="store_true",
+        help="only: generation at batch 1 and 8, ours compiled and eager against transformers'",
+    )
     return parser.parse_args(argv)
 
 
@@ -622,6 +632,10 @@ def bench(argv: list[str] | None) -> None:
 
     if args.options:
         results["option_tokens_per_s"] = bench_options(preset, device, dtype)
+    elif args.generation:
+        results.update(bench_generation(model, preset, device, dtype))
+        print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ours/them':>9}")
+        print_generation(results, preset)
     else:
         results["peak_flops"] = measure_peak_flops(device, dtype, peak_matmul_size(preset, device))
         results.update(bench_training(model, preset, device, dtype, results["peak_flops"]))

@@ -167,6 +167,13 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return int(available) * 1024 if available else None
 
 
+def max_memory_allocated_bytes(device: torch.device) -> int | None:
+    """The most torch has held allocated on a CUDA device since the process started; None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # GPU only
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (half their "with sparsity"
 # figures). A key matches whole words of the device name, in order, most words first: "NVIDIA H100
 # PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM one, and an L40 is not an L4. A GPU not

@@ -51,6 +51,7 @@ from runtime import (
     autocast,
     datasheet_peak_flops,
     exit_on_error,
+    max_memory_allocated_bytes,
     pick_dtype,
     print0,
     processes,
@@ -285,6 +286,8 @@ def log_progress(
         f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
     )
     record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
+    if (allocated := max_memory_allocated_bytes(run.device)) is not None:
+        record["max_memory_mib"] = allocated / 2**20
     run.metrics.write({"iter": run.iter_num, **record})
     bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
     return now, run.iter_num
