@@ -537,6 +537,7 @@ def parallelize(
         fully_shard(raw_model, mp_policy=policy)
     model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
     if cfg.parallelism == "ddp" and world()[1] > 1:
+        # device_ids: NCCL on 2+ GPUs only, checked by tests/gpu_check.py where that many are present
         return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, model
 

@@ -38,14 +38,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.common import TokenSetWriter  # noqa: E402
+from data.common import TokenSetWriter, dtype_for_vocab  # noqa: E402
 
 GPU_CONFIG = REPO / "configs" / "shakespeare_char_gpu.py"
-THROUGHPUT_SHAPES = {  # train.py flags: bench.py's small preset, GPT-2 small, a ~1B Llama (untied)
-    "bench small": dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512, batch_size=32),
-    "GPT-2 124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16),
-    "Llama ~1B": dict(
-        n_layer=20, n_head=32, n_kv_head=8, n_embd=2048, block_size=2048, batch_size=4, tie_embeddings=False
+THROUGHPUT_SHAPES = {  # (vocabulary, train.py flags): bench.py's small preset, GPT-2 small, Llama 3.2 1B
+    "bench small": (8192, dict(n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512, batch_size=32)),
+    "GPT-2 124M": (50257, dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16)),
+    # Llama 3.2 1B's shape but for its MLP, Llama-derived here (5504 wide, not 8192): 0.97B parameters
+    "Llama ~1B": (
+        128256,
+        dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, block_size=2048, batch_size=4),
     ),
 }
 LOSS_TOLERANCE = 0.03  # relative: bf16 or float16 against float32 after a few hundred iterations
@@ -61,7 +63,7 @@ class Sizes:
     throughput_iters: int = 30  # logged every third: the last third's speed, compile long done
     throughput_model: dict | None = None  # None: THROUGHPUT_SHAPES as they are
     throughput_shapes: int = len(THROUGHPUT_SHAPES)  # the first N of them
-    throughput_vocab: int = 50257  # GPT-2's, padded to 50304 by train.py
+    throughput_vocab: int | None = None  # None: each shape's own
     throughput_tokens: int = 2_000_000  # random tokens in the speed runs' data set
     sample_tokens: int = 500
     bench_preset: str = "small"
@@ -121,7 +123,7 @@ def write_text_set(out_dir: Path, chars: int, seed: int = 0) -> Path:
 def write_random_set(out_dir: Path, vocab_size: int, tokens: int, seed: int = 0) -> Path:
     """Uniformly random tokens: speed does not depend on what the tokens say."""
     rng = np.random.default_rng(seed)
-    with TokenSetWriter(out_dir, "uint16") as writer:
+    with TokenSetWriter(out_dir, dtype_for_vocab(vocab_size)) as writer:
         writer.write("train", rng.integers(0, vocab_size, size=tokens))
         writer.write("val", rng.integers(0, vocab_size, size=tokens // 10))
         writer.commit({"vocab_size": vocab_size})
@@ -184,6 +186,7 @@ class Checker:
     def __init__(self, args: argparse.Namespace, sizes: Sizes, work: Path):
         self.args, self.sizes, self.work = args, sizes, work
         self.checks: list[Check] = []
+        self.machine: dict = {}  # the GPU's name and the library versions, as bench.py reports them
 
     def train(self, name: str, data_dir: Path, *extra: str, launcher: list[str] | None = None) -> Ran:
         """train.py on the GPU config, in work/name, with the sizes' overrides and extra flags last."""
@@ -205,7 +208,8 @@ class Checker:
     def save(self) -> None:
         """The JSON after every check: a run cut short keeps what it measured."""
         if self.args.json:
-            payload = {"device": self.args.device, "checks": [asdict(c) for c in self.checks]}
+            checks = [asdict(c) for c in self.checks]
+            payload = {"device": self.args.device, **self.machine, "checks": checks}
             Path(self.args.json).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -287,6 +291,7 @@ def check_sampling(c: Checker) -> None:
     if ran.returncode:
         return c.failed("bench.py --generation", ran)
     r = json.loads(json_path.read_text())
+    c.machine = {key: r[key] for key in ("machine", "torch", "transformers")}
     for batch in (1, 8):
         decode, bound = (
             r[f"decode_tokens_per_s_batch{batch}"],
@@ -306,10 +311,11 @@ def check_sampling(c: Checker) -> None:
 def check_throughput(c: Checker) -> None:
     """Training speed, MFU against the datasheet peak, and peak memory, at each shape."""
     s = c.sizes
-    data_dir = write_random_set(c.work / "random", s.throughput_vocab, s.throughput_tokens)
     log_interval = max(1, s.throughput_iters // 3)
-    for name, shape in list(THROUGHPUT_SHAPES.items())[: s.throughput_shapes]:
+    for name, (vocab_size, shape) in list(THROUGHPUT_SHAPES.items())[: s.throughput_shapes]:
         shape = s.throughput_model or shape
+        vocab_size = s.throughput_vocab or vocab_size
+        data_dir = write_random_set(c.work / f"random-{vocab_size}", vocab_size, s.throughput_tokens)
         run_flags = flags({**shape, "gradient_accumulation_steps": 1, "dropout": 0.0, "eval_iters": 1})
         run_flags += [f"--max_iters={s.throughput_iters}", f"--log_interval={log_interval}"]
         out = c.work / f"speed-{name}"
@@ -403,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a fault of this script's own: the other parts still run
             checker.add(Check(part, f"gpu_check.py failed: {type(e).__name__}: {e}", False, 0.0))
     print_table(checker.checks)
+    if checker.machine:
+        print(", ".join(f"{key} {value}" for key, value in checker.machine.items()))
     print(f"wall time {time.perf_counter() - started:.0f} s; results in {args.json}")
     return int(any(check.ok is False for check in checker.checks))
 

@@ -161,3 +161,10 @@ def test_compiled_decoding_under_bf16_autocast_gives_the_eager_tokens():
         eager = generate(model, prompt, 12, temperature=0)
         compiled = generate(model, prompt, 12, temperature=0, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_auto_device_is_mps_where_cuda_is_absent_and_mps_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")
+    assert pick_dtype("auto", torch.device("mps")) == torch.float32
