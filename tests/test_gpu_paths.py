@@ -31,6 +31,14 @@ QK_NORM_SHAPE = dict(vocab_size=64, n_head=4, n_kv_head=2, n_embd=32, qk_norm=Tr
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_state():
+    """Forget what this file's tests compiled: dynamo would otherwise reuse (or make dynamic) graphs
+    in later tests of this process, which count the graphs they compile."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def fake_gpus(monkeypatch) -> list[int]:
     """Two CUDA devices as torch reports them; the indices torch.cuda.set_device was given. Only the
