@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (every size as listed), or cpu (tiny sizes)")
     parser.add_argument("--data_dir", default=None, help="a prepared character-level set; default synthetic")
     parser.add_argument("--json", default="gpu_check.json", help="where to write the results")
-    parser.add_argument("--work_dir", default=None, help="where the runs go; default a temporary folder")
+    parser.add_argument("--work_dir", default=None, help="a new folder in it holds the runs; default /tmp")
     parser.add_argument(
         "--only", default=",".join(PARTS), help=f"some of {', '.join(PARTS)}, comma-separated (sampling "
         "needs precisions' checkpoint)",
@@ -398,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.nproc = torch.cuda.device_count() if args.device != "cpu" else 1
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=args.work_dir))  # fresh: no run resumes an old one
     checker = Checker(args, sizes, work)
     started = time.perf_counter()
     data_dir = Path(args.data_dir) if args.data_dir else write_text_set(work / "text", sizes.text_chars)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(checker.checks)
     if checker.machine:
         print(", ".join(f"{key} {value}" for key, value in checker.machine.items()))
-    print(f"wall time {time.perf_counter() - started:.0f} s; results in {args.json}")
+    print(f"wall time {time.perf_counter() - started:.0f} s; results in {args.json}, the runs in {work}")
     return int(any(check.ok is False for check in checker.checks))
 
 
