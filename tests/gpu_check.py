@@ -328,7 +328,7 @@ def check_throughput(c: Checker) -> None:
         last = [r for r in records if "tokens_per_s" in r][-1]
         params = float(re.search(r"([\d.]+)M parameters", ran.stdout).group(1))
         mfu = "n/a" if last["mfu"] is None else f"{last['mfu']:.1%}"
-        result = f"{params:,.1f}M params: {last['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, {memory(records)}"
+        result = f"{params:,.2f}M params: {last['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, {memory(records)}"
         figures = {key: last.get(key) for key in ("tokens_per_s", "mfu", "ms_per_iter", "max_memory_mib")}
         c.add(Check(f"training speed, {name}", result, None, ran.seconds, {"params_m": params, **figures}))
 
