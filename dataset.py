@@ -81,7 +81,7 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
 
     tensor = torch.from_numpy(array)
-    if device.type == "cuda":  # pinned memory lets the copy run asynchronously
+    if device.type == "cuda":  # pinned memory lets the copy run asynchronously; needs CUDA: GPU only
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 

@@ -154,6 +154,7 @@ def compiled_forward(model: GPT) -> Callable[..., tuple[torch.Tensor, None]]:
     fullgraph=True: past torch's limit of graphs per function (8), a new shape runs eagerly
     instead of failing. Made once per model, kept on it."""
     if getattr(model, "_compiled_forward", None) is None:
+        # CUDA graphs: GPU only, checked by tests/gpu_check.py (compiled sampling gives eager's text)
         options = {"triton.cudagraphs": model.rope_cos.is_cuda, "size_asserts": False}
         model._compiled_forward = torch.compile(model.forward, options=options)
     return model._compiled_forward

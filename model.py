@@ -194,8 +194,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = qk.split((self.n_head, self.n_kv_head), dim=2)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
-        # q and k are neighbours in the fused projection: rotate both in one pass.
-        qk = apply_rope(qk, rope_cos, rope_sin)
+        # q and k are neighbours in the fused projection: rotate both in one pass. Back to v's dtype:
+        # under autocast the float32 norm gains make q and k float32, and the KV cache takes k's dtype.
+        qk = apply_rope(qk, rope_cos, rope_sin).to(qkv.dtype)
         q = qk[:, :, : self.n_head].transpose(1, 2)  # (B, n_head, T, head_dim)
         k = qk[:, :, self.n_head :].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = qkv[:, :, n_qk:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)

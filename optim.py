@@ -75,7 +75,7 @@ def newton_schulz(
     """Matrices G (N, rows, cols) -> U S' V^T where G = U S V^T and S' has entries near 1 (roughly 0.5 to
     1.5 with the speed runs' quintic coefficients, which trade exactness for fewer steps)."""
     a, b, c = coefficients
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)  # the bf16 branch: GPU only (gpu_check.py)
     wide = X.size(-2) <= X.size(-1)
     X = X if wide else X.mT  # iterate on the smaller Gram matrix X X^T
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable, Iterator
@@ -99,10 +100,26 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, True):
         raise ConfigError(f"device={requested!r} is not available on this machine; use --device=auto or cpu")
-    if device.type == "cuda" and local_rank is not None:
-        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        device = cuda_device(requested, device.index if local_rank is None else local_rank)
+    return device
+
+
+def cuda_device(requested: str, index: int | None) -> torch.device:
+    """GPU index (None: the first), made this process's current GPU; one the machine lacks is a
+    ConfigError. Under torchrun index is the local rank: one GPU per process."""
+    import torch
+
+    index = index or 0  # torch.cuda.set_device refuses a device without an index
+    count = torch.cuda.device_count()
+    if index >= count:
+        if "LOCAL_RANK" in os.environ:
+            hint = f"start at most {count} processes per machine: torchrun --nproc_per_node={count}"
+        else:
+            hint = f"use cuda:0 to cuda:{count - 1}"
+        raise ConfigError(f"device={requested!r}: GPU {index} asked for, this machine has {count}; {hint}")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
     return device
 
 
@@ -114,9 +131,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (a T4, a V100) is several times slower than float16 and has no flash attention.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if requested not in DTYPE_NAMES:
         raise ConfigError(f"dtype={requested!r}: use auto, {', '.join(DTYPE_NAMES)}")
+    if requested == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        gpu = torch.cuda.get_device_name(device)
+        raise ConfigError(f"{gpu} cannot compute in bfloat16; use --dtype=auto")
     return getattr(torch, requested)
 
 
@@ -146,17 +167,46 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return int(available) * 1024 if available else None
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched against the device name.
+def max_memory_allocated_bytes(device: torch.device) -> int | None:
+    """The most torch has held allocated on a CUDA device since the process started; None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # GPU only
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (half their "with sparsity"
+# figures). A key matches whole words of the device name, in order, most words first: "NVIDIA H100
+# PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM one, and an L40 is not an L4. A GPU not
+# listed has no MFU rather than a guessed one (an A10G, AWS's A10 variant, has no datasheet).
 GPU_BF16_PEAK_FLOPS = {
     "B200": 2250e12,
-    "H200": 989e12,
+    "H200 NVL": 835.5e12,
+    "H200": 989e12,  # SXM
+    "H100 NVL": 835.5e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM; after "H100 PCIe" so the PCIe card matches its own entry first
-    "A100": 312e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,  # SXM and PCIe alike
     "L40S": 362e12,
+    "L40": 181e12,
     "A10": 125e12,
     "L4": 121e12,
 }
+
+
+def name_words(name: str) -> list[str]:
+    """'NVIDIA A100-SXM4-80GB' -> ['nvidia', 'a100', 'sxm4', '80gb']."""
+    return re.split(r"[\s\-_]+", name.strip().lower())
+
+
+def peak_for_name(name: str) -> float | None:
+    """The datasheet peak whose key's words appear together in name's words; the longest key wins."""
+    words = name_words(name)
+    for key in sorted(GPU_BF16_PEAK_FLOPS, key=lambda k: -len(name_words(k))):
+        key_words = name_words(key)
+        n = len(key_words)
+        if any(words[i : i + n] == key_words for i in range(len(words) - n + 1)):
+            return GPU_BF16_PEAK_FLOPS[key]
+    return None
 
 
 def datasheet_peak_flops(device: torch.device) -> tuple[str, float] | None:
@@ -166,7 +216,8 @@ def datasheet_peak_flops(device: torch.device) -> tuple[str, float] | None:
     import torch
 
     name = torch.cuda.get_device_name(device)
-    return next(((name, peak) for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
+    peak = peak_for_name(name)
+    return None if peak is None else (name, peak)
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -207,19 +258,23 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 
 
 @contextmanager
-def processes(requested_device: str) -> Iterator[torch.device]:
+def processes(requested_device: str, group_of_one: bool = False) -> Iterator[torch.device]:
     """This process's device. Under torchrun (RANK is set) each process takes its local rank's GPU and
-    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out."""
+    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out. group_of_one:
+    a process not started by torchrun joins a group of its own (FSDP shards over a group)."""
     import torch.distributed as dist
 
-    distributed = "RANK" in os.environ
-    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torchrun = "RANK" in os.environ
+    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if torchrun else None)
+    backend = "nccl" if device.type == "cuda" else "gloo"  # NCCL: GPU only, checked by tests/gpu_check.py
+    if torchrun:
+        dist.init_process_group(backend)
+    elif group_of_one:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield device
     finally:
-        if distributed and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

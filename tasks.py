@@ -5,6 +5,7 @@ at every evaluation (eval_tasks); eval.py's --help describes the scoring."""
 
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -243,8 +244,12 @@ def accuracy(
     """acc and acc_norm over examples, shared out among the processes (each scores every world_size-th)."""
     rank, world_size = world()
     mine = examples[rank::world_size]
+    passes = math.ceil(sum(len(example.choices) for example in mine) / batch_size)  # one row per choice
+    most_passes = max_over_processes(passes, device)  # before any forward pass: collectives keep order
+    all_scores = choice_scores(model, tokenizer, mine, batch_size, device, autocast)
+    keep_in_step(model, most_passes - passes, device, autocast)
     right, right_norm = 0, 0
-    for example, scores in zip(mine, choice_scores(model, tokenizer, mine, batch_size, device, autocast)):
+    for example, scores in zip(mine, all_scores):
         per_char = [score / len(choice) for score, choice in zip(scores, example.choices)]
         right += best(scores) == example.label
         right_norm += best(per_char) == example.label
@@ -253,6 +258,26 @@ def accuracy(
         dist.all_reduce(hits)
     acc, acc_norm = (count / len(examples) for count in hits.tolist())
     return {"acc": acc, "acc_norm": acc_norm}
+
+
+def max_over_processes(value: int, device: torch.device) -> int:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
+@torch.no_grad()
+def keep_in_step(
+    model: GPT, passes: int, device: torch.device, autocast: AbstractContextManager | None = None
+) -> None:
+    """passes forward passes of one token, results unused. A sharded model's forward is a collective
+    (it gathers each block's weights), so every process must make as many as the busiest one: the
+    processes' examples may have more choices on one than on another, or one example more."""
+    for _ in range(passes):
+        with autocast or nullcontext():
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
 def score_task(

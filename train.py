@@ -51,6 +51,7 @@ from runtime import (
     autocast,
     datasheet_peak_flops,
     exit_on_error,
+    max_memory_allocated_bytes,
     pick_dtype,
     print0,
     processes,
@@ -161,7 +162,7 @@ def train(cfg: TrainConfig) -> int:
     _stop_signal = 0
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with processes(cfg.device) as device:
+        with processes(cfg.device, group_of_one=cfg.parallelism == "fsdp") as device:
             stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             check_config(cfg, world()[1])
             run = setup(cfg, device, stop_group)
@@ -285,6 +286,8 @@ def log_progress(
         f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
     )
     record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
+    if (allocated := max_memory_allocated_bytes(run.device)) is not None:
+        record["max_memory_mib"] = allocated / 2**20
     run.metrics.write({"iter": run.iter_num, **record})
     bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s", refresh=False)
     return now, run.iter_num
@@ -534,6 +537,7 @@ def parallelize(
         fully_shard(raw_model, mp_policy=policy)
     model = torch.compile(raw_model) if use_compile(cfg, device) else raw_model
     if cfg.parallelism == "ddp" and world()[1] > 1:
+        # device_ids: NCCL on 2+ GPUs only, checked by tests/gpu_check.py where that many are present
         return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, model
 
@@ -601,7 +605,10 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
         f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
         f"mfu: {mfu_basis}"
     )
-    print0(memory_per_process(run, cfg.parallelism if world_size > 1 else "one process"))
+    layout = cfg.parallelism if world_size > 1 else "one process"
+    if cfg.parallelism == "fsdp" and world_size == 1:
+        layout = "fsdp in one process, the sharded code path: it saves no memory"
+    print0(memory_per_process(run, layout))
     if run.resumed:
         print0(f"resumed from iter {run.iter_num} of the checkpoint in {cfg.out_dir}")
 
@@ -661,11 +668,6 @@ def check_parallelism(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.parallelism not in ("ddp", "fsdp"):
         raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
-    if cfg.parallelism == "fsdp" and world_size == 1:
-        raise ConfigError(
-            "parallelism='fsdp' shards the model over the processes torchrun starts; in one process "
-            "use the default (ddp), or start several: torchrun --nproc_per_node=N train.py ..."
-        )
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "

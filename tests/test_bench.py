@@ -79,3 +79,9 @@ def test_plot_overlays_several_runs_against_wall_time(tmp_path):
     out = tmp_path / "both.png"
     plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--x", "time", "--out", str(out)])
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_peak_is_measured_with_a_matmul_large_enough_for_a_datacenter_gpu():
+    small = bench.PRESETS["small"]
+    assert bench.peak_matmul_size(small, torch.device("cuda", 0)) >= 8192
+    assert bench.peak_matmul_size(small, torch.device("cpu")) == small.matmul_size  # a CPU: a minute's work

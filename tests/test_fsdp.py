@@ -7,11 +7,13 @@ sums differs; losses agree to 1e-5 relative (observed ~1e-7), as DDP against one
 """
 
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import TORCHRUN
@@ -29,17 +31,26 @@ TINY = (
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
 
 
-def run(out_dir: Path, data_dir: Path, *flags: str, nproc: int = 1) -> str:
-    """train.py as its own process(es); its output. Every run, one or two processes, must exit 0."""
+def run(out_dir: Path, data_dir: Path, *flags: str, nproc: int = 1, timeout: float = 300) -> str:
+    """train.py as its own process(es); its output. Every run, one or two processes, must exit 0. Past
+    timeout the run's processes are killed (a hung collective ignores SIGTERM), and the test fails."""
     launcher = {1: [sys.executable], 2: TORCHRUN}[nproc]
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [*launcher, str(REPO / "train.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}",
          *TINY, *flags],
-        capture_output=True, text=True, timeout=300, cwd=out_dir.parent,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out_dir.parent,
         env={**ENV, "TIKTOKEN_CACHE_DIR": str(REPO.parent / "shared" / "tiktoken_cache")},
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for worker in psutil.Process(proc.pid).children(recursive=True):  # torchrun's: sessions of their own
+            worker.kill()
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"train.py did not finish in {timeout} s:\n{stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -128,14 +139,39 @@ def test_a_sharded_checkpoint_samples_exports_and_survives_a_killed_save(char_da
         assert (hf(idx).logits - ours).abs().max() < 1e-4
 
 
-def test_fsdp_in_one_process_or_an_unknown_parallelism_is_a_config_error(char_data, tmp_path, capsys):
-    for flag, message in [
-        ("--parallelism=fsdp", "torchrun --nproc_per_node"),
-        ("--parallelism=tp", "'ddp' or"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main([f"--out_dir={tmp_path}", f"--data_dir={char_data}", flag])
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_fsdp_in_one_process_takes_the_sharded_path_with_the_same_losses(char_data, one_process, tmp_path):
+    """python train.py --parallelism=fsdp, no torchrun: a process group of one, so that one GPU can run
+    the sharded code path (it saves no memory, and says so)."""
+    reference, _ = one_process
+    output = run(tmp_path / "fsdp", char_data, "--max_iters=10", "--parallelism=fsdp")
+    assert "fsdp in one process, the sharded code path: it saves no memory" in output
+    assert (tmp_path / "fsdp" / LATEST_SHARDED).is_file()
+    assert_close(losses(tmp_path / "fsdp"), losses(reference))
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_scores_tasks_split_unevenly_over_the_processes(char_data, tmp_path):
+    """FSDP's bf16 mixed-precision policy on gloo, scoring multiple-choice tasks at each evaluation
+    with one choice per forward pass: a sharded forward is a collective, so each process must make as
+    many. tiny_task's first 4 examples give the processes 2 each, of 6 and 4 choices; three.jsonl's 3
+    give one process 2 and the other 1. Unequal forward passes would hang until the timeout."""
+    task = REPO / "tests" / "tiny_task.jsonl"
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(task.read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "out"
+    flags = ("--max_iters=2", "--parallelism=fsdp", "--dtype=bfloat16", f"--eval_tasks={task},{three}")
+    run(out, char_data, *flags, "--eval_task_examples=4", "--batch_size=1", nproc=2, timeout=60)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "three/acc" in r and "tiny_task/acc" in r]
+    assert [r["iter"] for r in scored] == [0, 2]
+    assert all(0 <= r[k] <= 1 for r in scored for k in ("three/acc", "tiny_task/acc_norm"))
+    assert all(math.isfinite(loss) for loss in losses(out).values())
+
+
+def test_an_unknown_parallelism_is_a_config_error(char_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={tmp_path}", f"--data_dir={char_data}", "--parallelism=tp"])
+    assert exit_info.value.code == 2 and "'ddp' or" in capsys.readouterr().err
 
 
 def test_activation_checkpointing_gives_the_same_losses(char_data, tmp_path):
@@ -151,7 +187,6 @@ def test_activation_checkpointing_gives_the_same_losses(char_data, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_of_one_worker_during_sharded_saves_leaves_a_resumable_checkpoint(char_data, tmp_path):
-    psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
     command = [*TORCHRUN, str(REPO / "train.py"), f"--out_dir={out}", f"--data_dir={char_data}", *TINY,
                "--eval_interval=1", "--max_iters=100000", "--parallelism=fsdp"]  # fmt: skip

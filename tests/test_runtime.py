@@ -34,12 +34,31 @@ def test_unknown_or_absent_devices_are_config_errors():
             pick_device("cuda")
 
 
-def test_peak_flops_only_for_known_gpus(monkeypatch):
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835.5e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835.5e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40", 181e12),  # not the L4
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA A10G", None),  # not the A10: no datasheet, no guess
+        ("NVIDIA GH200 480GB", None),  # not the H200
+        ("Some Future GPU", None),
+    ],
+)
+def test_peak_flops_match_whole_words_of_the_gpu_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert datasheet_peak_flops(torch.device("cuda", 0)) == (None if peak is None else (name, peak))
+
+
+def test_no_peak_off_cuda():
     assert datasheet_peak_flops(torch.device("cpu")) is None  # no invented number for a CPU
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 PCIe")
-    assert datasheet_peak_flops(torch.device("cuda")) == ("NVIDIA H100 PCIe", 756e12)  # not the SXM entry
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
-    assert datasheet_peak_flops(torch.device("cuda")) is None
 
 
 def test_atomic_write_replaces_whole_or_leaves_the_old_file_and_no_temporary(tmp_path):
