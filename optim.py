@@ -42,7 +42,14 @@ class Muon(torch.optim.Muon):
       multiplies bf16 matrices ~100x slower than float32 ones;
     - a group may give "parts", the row counts of the matrices fused into each of its parameters
       (q|k|v, gate|up): each part is orthogonalised on its own, as if the projections were apart.
-    Matrices of one shape go through Newton-Schulz together, in one batched pass."""
+    Matrices of one shape go through Newton-Schulz together, in one batched pass.
+
+    Under FSDP (parameters sharded by rows, as DTensors) every process gathers each matrix's whole update
+    (DTensor.full_tensor), orthogonalises all of them and keeps its own rows. What that adds per
+    iteration: one all-gather of the Muon matrices' updates in float32 (each process receives (N-1)/N of
+    4 bytes per Muon parameter, about one more gather of the blocks' weights than FSDP does anyway, once
+    per iteration rather than per micro-step), and every process runs the whole Newton-Schulz, as under
+    DDP; the re-sharding takes local rows and sends nothing."""
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # torch's optimizers take a closure; Muon needs none
