@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +480,20 @@ def test_training_says_when_it_saves_and_ends_with_a_summary(char_data, tmp_path
     assert lines[-1].endswith(
         f"checkpoint in {out / CKPT_NAME}; sample with: python sample.py --out_dir={out}"
     )
+
+
+def test_the_main_job_prints_a_few_lines_before_training_and_saves_the_whole_config(
+    char_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = [str(REPO / "configs/shakespeare_char.py"), f"--out_dir={out}", f"--data_dir={char_data}"]
+    with pytest.raises(SystemExit, match="0"):
+        train.main([*argv, "--max_iters=1", "--eval_iters=1", "--eval_full=False"])
+    lines = capsys.readouterr().out.splitlines()
+    startup = lines[: next(i for i, line in enumerate(lines) if line.startswith("iter 0:"))]
+    assert len(startup) <= 15, startup
+    assert "mfu" not in "\n".join(lines) and "dataset=" not in "\n".join(startup)  # data_dir is set
+    assert json.loads((out / "config.json").read_text()).keys() == asdict(train.TrainConfig()).keys()
 
 
 def test_elapsed_s_continues_across_a_resume(char_data, tmp_path):
