@@ -657,7 +657,7 @@ PUBLISHED = json.loads(Path(__file__).with_name("published_configs.json").read_t
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_configs_of_known_models_import_with_their_parameter_count_and_export_as_their_class(name):
-    """The README's models known to fit, by their config.json as published on the hub."""
+    """The models known to fit (docs/models.md), by their config.json as published on the hub."""
     hf = PUBLISHED[name]["config.json"]
     config = convert.gpt_config_from_hf(hf)
     with torch.device("meta"):  # shapes only
