@@ -398,13 +398,7 @@ def import_hf(
         config = replace(config, block_size=block_size)
     tensors = read_safetensors(hf_dir)
     check_tensors(tensors, config, hf["model_type"])
-    # An export of ours restores its own tokenizer; anything else samples through the HF tokenizer,
-    # copied beside the checkpoint so that out_dir does not depend on hf_dir (a hub cache, say).
-    tokenizer = hf.get(TOKENIZER_KEY) or {
-        "tokenizer": "hf",
-        "path": str((Path(out_dir) / TOKENIZER_DIR).resolve()),
-        "vocab_size": config.vocab_size,
-    }
+    tokenizer = imported_tokenizer(hf, hf_dir, Path(out_dir), config.vocab_size)
     checkpoint = {
         "model": from_hf(tensors, config, dtype),
         "model_args": asdict(config),
@@ -414,15 +408,26 @@ def import_hf(
         "tokenizer": tokenizer,
     }
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    if tokenizer["tokenizer"] == "hf":
+    if tokenizer and tokenizer["tokenizer"] == "hf":
         copy_hf_tokenizer(hf_dir, Path(tokenizer["path"]))
     save_checkpoint(checkpoint, ckpt_path)
-    found = "" if tokenizer["tokenizer"] != "hf" or has_hf_tokenizer(hf_dir) else f": none found in {hf_dir}"
+    kind = tokenizer["tokenizer"] if tokenizer else f"none (no tokenizer files in {hf_dir})"
     print(
         f"imported {hf_dir} ({hf['model_type']}) -> {ckpt_path} ({config.n_layer} layers, n_embd "
-        f"{config.n_embd}, block_size {config.block_size}, tokenizer {tokenizer['tokenizer']}{found})"
+        f"{config.n_embd}, block_size {config.block_size}, tokenizer {kind})"
     )
     return ckpt_path
+
+
+def imported_tokenizer(hf: dict, hf_dir: Path, out_dir: Path, vocab_size: int) -> dict | None:
+    """The tokenizer entry of an imported checkpoint. An export of ours restores its own tokenizer;
+    anything else samples through the HF tokenizer, whose files import copies into out_dir/tokenizer,
+    so that out_dir does not depend on hf_dir (a hub cache, say); None if hf_dir holds none."""
+    if hf.get(TOKENIZER_KEY):
+        return hf[TOKENIZER_KEY]
+    if not has_hf_tokenizer(hf_dir):
+        return None
+    return {"tokenizer": "hf", "path": str((out_dir / TOKENIZER_DIR).resolve()), "vocab_size": vocab_size}
 
 
 def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:

@@ -273,7 +273,7 @@ CASES = [
     ),
     Case("block larger than data", "train", lambda e: e.train("--block_size=200000"), 1, "does not fit"),
     Case(
-        "resume without checkpoint", "train", lambda e: e.train("--init_from=resume"), 1, "no checkpoint at"
+        "resume without checkpoint", "train", lambda e: e.train("--init_from=resume"), 1, "no checkpoint in"
     ),
     Case(
         "resume a corrupt checkpoint",
