@@ -736,7 +736,7 @@ def fit_to_processes(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if steps != cfg.gradient_accumulation_steps:
         print0(
             f"note: gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {steps}, rounded up to "
-            f"a multiple of the {world_size} processes ({steps // world_size} micro-steps each)"
+            f"a multiple of the {world_size} processes: {steps // world_size} per process"
         )
     return replace(cfg, gradient_accumulation_steps=steps)
 
