@@ -68,19 +68,24 @@ class Muon(torch.optim.Muon):
                 whole = update.full_tensor() if isinstance(update, DTensor) else update
                 rows = group.get("parts") or p.size(0)
                 pairs += [(p, i, part) for i, part in enumerate(whole.split(rows))]
-            orthogonal = {}  # (weight, part index) -> the part's scaled orthogonal update
+            orthogonal = {}  # (weight, part index) -> (the part's orthogonal update, its scale)
             for shape in dict.fromkeys(update.shape for _, _, update in pairs):
                 same = [(weight, i, update) for weight, i, update in pairs if update.shape == shape]
                 stacked = torch.stack([update for _, _, update in same])
                 batch = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 for (weight, i, _), update in zip(same, batch):
-                    orthogonal[weight, i] = update * max(1, shape[0] / shape[1]) ** 0.5
+                    orthogonal[weight, i] = (update.to(weight.dtype), max(1, shape[0] / shape[1]) ** 0.5)
             for weight in dict.fromkeys(weight for weight, _, _ in pairs):
                 parts = [orthogonal[weight, i] for i in range(len(group.get("parts") or [0]))]
-                step = torch.cat(parts).to(weight.dtype)
-                if isinstance(weight, DTensor):  # this process's rows of it: no communication
-                    step = distribute_tensor(step, weight.device_mesh, weight.placements, src_data_rank=None)
-                weight.add_(step, alpha=-lr)
+                if isinstance(weight, DTensor):  # this process's rows of the whole step: no communication
+                    step = torch.cat([update * scale for update, scale in parts])
+                    local = distribute_tensor(step, weight.device_mesh, weight.placements, src_data_rank=None)
+                    weight.add_(local, alpha=-lr)
+                else:  # each part's rows in place: the arithmetic the README's figures were measured with
+                    for rows, (update, scale) in zip(
+                        weight.split(group.get("parts") or weight.size(0)), parts
+                    ):
+                        rows.add_(update, alpha=-lr * scale)
 
 
 def newton_schulz(
