@@ -32,11 +32,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from model import GPT, GPTConfig
 from runtime import PathLike, UserError, atomic_write, fsync_dir, world
-from tokenizer import Tokenizer, get_tokenizer
+from tokenizer import Tokenizer, get_tokenizer, has_hf_tokenizer
 
 CKPT_NAME = "ckpt.pt"
 LATEST_SHARDED = "ckpt.latest"  # names the current sharded checkpoint folder
 SHARDED_META = "meta.pt"
+TOKENIZER_DIR = "tokenizer"  # in out_dir: a copy of a Hugging Face tokenizer's files (import, training)
 
 
 class CheckpointError(UserError):
@@ -230,11 +231,22 @@ def tokenizer_entry_of(path: PathLike) -> dict:
     except CheckpointError:
         return {"tokenizer": "hf", "path": str(path.resolve())}
     if found.is_dir():  # a sharded checkpoint: its meta.pt holds everything but the tensors
-        entry = torch.load(found / SHARDED_META, weights_only=True).get("tokenizer")
+        checkpoint = torch.load(found / SHARDED_META, weights_only=True)
     else:
-        entry = load_checkpoint(found, mmap=True).get("tokenizer")
+        checkpoint = load_checkpoint(found, mmap=True)
+    return tokenizer_entry_in(checkpoint, found)
+
+
+def tokenizer_entry_in(checkpoint: dict, found: Path) -> dict:
+    """The tokenizer entry of the checkpoint at found (find_checkpoint's answer). A Hugging Face
+    tokenizer is read from out_dir/tokenizer when its files are there (import and training copy them),
+    so that a moved out_dir keeps working; else from the folder it names (older checkpoints)."""
+    entry = checkpoint.get("tokenizer")
     if not entry:
         raise CheckpointError(f"checkpoint {found} records no tokenizer (its 'tokenizer' entry is missing)")
+    copy = found.parent / TOKENIZER_DIR
+    if entry.get("tokenizer") == "hf" and has_hf_tokenizer(copy):
+        return {**entry, "path": str(copy.resolve())}
     return entry
 
 
@@ -244,10 +256,9 @@ def load_model_and_tokenizer(
     """The model (in eval mode, on device), its tokenizer and the raw checkpoint of out_dir."""
     path = find_checkpoint(out_dir)
     checkpoint = load_checkpoint(path, device)
-    if not checkpoint.get("tokenizer"):
-        raise CheckpointError(f"checkpoint {path} records no tokenizer (its 'tokenizer' entry is missing)")
+    entry = tokenizer_entry_in(checkpoint, path)
     try:
-        tokenizer = get_tokenizer(checkpoint["tokenizer"])
+        tokenizer = get_tokenizer(entry)
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} has an unusable tokenizer entry ({type(e).__name__}: {e})"

@@ -26,10 +26,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CKPT_NAME, clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import (
+    CKPT_NAME,
+    TOKENIZER_DIR,
+    clean_state_dict,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_entry_in,
+)
 from model import LLAMA3_SCALING_KEYS, GPTConfig
 from runtime import DTYPE_NAMES, UserError, atomic_write, exit_on_error
-from tokenizer import get_tokenizer
+from tokenizer import copy_hf_tokenizer, get_tokenizer, has_hf_tokenizer
 
 TOKENIZER_KEY = (
     "nanogpt_tokenizer"  # our checkpoint's tokenizer entry, kept in config.json so import restores it
@@ -390,12 +398,7 @@ def import_hf(
         config = replace(config, block_size=block_size)
     tensors = read_safetensors(hf_dir)
     check_tensors(tensors, config, hf["model_type"])
-    # An export of ours restores its own tokenizer; anything else samples through the HF tokenizer beside it.
-    tokenizer = hf.get(TOKENIZER_KEY) or {
-        "tokenizer": "hf",
-        "path": str(hf_dir),
-        "vocab_size": config.vocab_size,
-    }
+    tokenizer = imported_tokenizer(hf, hf_dir, Path(out_dir), config.vocab_size)
     checkpoint = {
         "model": from_hf(tensors, config, dtype),
         "model_args": asdict(config),
@@ -405,29 +408,46 @@ def import_hf(
         "tokenizer": tokenizer,
     }
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    if tokenizer and tokenizer["tokenizer"] == "hf":
+        copy_hf_tokenizer(hf_dir, Path(tokenizer["path"]))
     save_checkpoint(checkpoint, ckpt_path)
+    kind = tokenizer["tokenizer"] if tokenizer else f"none (no tokenizer files in {hf_dir})"
     print(
         f"imported {hf_dir} ({hf['model_type']}) -> {ckpt_path} ({config.n_layer} layers, n_embd "
-        f"{config.n_embd}, block_size {config.block_size}, tokenizer {tokenizer['tokenizer']})"
+        f"{config.n_embd}, block_size {config.block_size}, tokenizer {kind})"
     )
     return ckpt_path
+
+
+def imported_tokenizer(hf: dict, hf_dir: Path, out_dir: Path, vocab_size: int) -> dict | None:
+    """The tokenizer entry of an imported checkpoint. An export of ours restores its own tokenizer;
+    anything else samples through the HF tokenizer, whose files import copies into out_dir/tokenizer,
+    so that out_dir does not depend on hf_dir (a hub cache, say); None if hf_dir holds none."""
+    if hf.get(TOKENIZER_KEY):
+        return hf[TOKENIZER_KEY]
+    if not has_hf_tokenizer(hf_dir):
+        return None
+    return {"tokenizer": "hf", "path": str((out_dir / TOKENIZER_DIR).resolve()), "vocab_size": vocab_size}
 
 
 def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:
     """config.json, model.safetensors and the tokenizer of out_dir's checkpoint into hf_dir (dtype: as stored,
     by default), as the family its options need."""
-    checkpoint = load_checkpoint(out_dir)  # ckpt.pt or a sharded checkpoint
+    found = find_checkpoint(out_dir)
+    checkpoint = load_checkpoint(found)  # ckpt.pt or a sharded checkpoint
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     config_json = hf_config(config, dtype)  # first: it refuses what no family represents
-    entry = checkpoint.get("tokenizer") or {}
+    entry = tokenizer_entry_in(checkpoint, found) if checkpoint.get("tokenizer") else {}
     tokenizer, note = None, "none: the checkpoint records none"
     if entry:
-        try:
+        try:  # before any file is written: an export without the tokenizer it records is not one
             tokenizer = get_tokenizer(entry)
-            note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
-        except (UserError, KeyError, ValueError) as e:  # the weights are still worth writing
-            note = f"none written: {e}"
+        except (KeyError, ValueError) as e:
+            raise ConvertError(
+                f"the checkpoint's tokenizer entry is unusable ({type(e).__name__}: {e})"
+            ) from e
+        note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
     tensors = to_hf(state_dict, config, dtype)

@@ -1,11 +1,13 @@
 """out_dir/metrics.jsonl: one JSON record per line, each with the iteration it belongs to ("iter") and
-the seconds since the writing process started ("elapsed_s"). Written by train.py (MetricsLog), read
-by train.py (resume), plot.py and race.py (read_records)."""
+the seconds the run has been running ("elapsed_s": since this process started, plus, in a resumed
+run, the last elapsed_s kept from the run it continues, so time never goes backwards). Written by
+train.py (MetricsLog), read by train.py (resume), plot.py and race.py (read_records)."""
 
 import errno
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime import atomic_write
@@ -33,24 +35,26 @@ def read_records(path: Path) -> tuple[list[dict], int]:
 class MetricsLog:
     """Appends records to out_dir/metrics.jsonl, and to a wandb run when given one.
 
-    keep_until=None starts a new log; an iteration keeps the records up to it (a resumed run drops
-    what the interrupted one logged past its checkpoint, so no iteration appears twice) and drops a
-    line cut short by a crash. A record is written whole or not at all, even on a full disk. out_dir
+    keep=None starts a new log; otherwise the records for which keep(record) is true stay (a resumed
+    run drops what the interrupted one logged past its checkpoint, so no iteration appears twice) and
+    a line cut short by a crash goes. A record is written whole or not at all, even on a full disk. out_dir
     None: a log that writes nothing, for the processes other than rank 0."""
 
-    def __init__(self, out_dir: str | None, keep_until: float | None, wandb_run=None):
+    def __init__(self, out_dir: str | None, keep: Callable[[dict], bool] | None, wandb_run=None):
         self.path, self.wandb_run = None if out_dir is None else metrics_path(out_dir), wandb_run
+        self.elapsed_before = 0.0  # seconds the run had been running before this process
         if self.path is None:
             return
-        records = read_records(self.path)[0] if keep_until is not None else []
-        kept = [record for record in records if record["iter"] <= keep_until]
+        records = read_records(self.path)[0] if keep is not None else []
+        kept = [record for record in records if keep(record)]
+        self.elapsed_before = max((record.get("elapsed_s", 0.0) for record in kept), default=0.0)
         lines = "".join(json.dumps(record) + "\n" for record in kept)
         atomic_write(self.path, lambda f: f.write(lines.encode()))
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
-        record = {**record, "elapsed_s": round(time.time() - STARTED, 3)}
+        record = {**record, "elapsed_s": round(self.elapsed_before + time.time() - STARTED, 3)}
         line = (json.dumps(record) + "\n").encode()
         with self.path.open("ab", buffering=0) as f:  # unbuffered: one write call, or an error
             end = f.seek(0, os.SEEK_END)

@@ -4,6 +4,7 @@ what they are, and train.py, bench.py and the tests share it.
 """
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model import GPT
 
@@ -41,13 +42,20 @@ class Muon(torch.optim.Muon):
       multiplies bf16 matrices ~100x slower than float32 ones;
     - a group may give "parts", the row counts of the matrices fused into each of its parameters
       (q|k|v, gate|up): each part is orthogonalised on its own, as if the projections were apart.
-    Matrices of one shape go through Newton-Schulz together, in one batched pass."""
+    Matrices of one shape go through Newton-Schulz together, in one batched pass.
+
+    Under FSDP (parameters sharded by rows, as DTensors) every process gathers each matrix's whole update
+    (DTensor.full_tensor), orthogonalises all of them and keeps its own rows. What that adds per
+    iteration: one all-gather of the Muon matrices' updates in float32 (each process receives (N-1)/N of
+    4 bytes per Muon parameter, about one more gather of the blocks' weights than FSDP does anyway, once
+    per iteration rather than per micro-step), and every process runs the whole Newton-Schulz, as under
+    DDP; the re-sharding takes local rows and sends nothing."""
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # torch's optimizers take a closure; Muon needs none
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            pairs = []  # (part of a weight, its update)
+            pairs = []  # (a weight, the index of its part, the whole part's update)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -55,18 +63,29 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 p.mul_(1 - lr * group["weight_decay"])
+                # Sharded (fsdp): every process gathers the whole update, orthogonalises all of it and
+                # keeps its own rows, since orthogonalising a shard alone is not orthogonalising the matrix.
+                whole = update.full_tensor() if isinstance(update, DTensor) else update
                 rows = group.get("parts") or p.size(0)
-                pairs += zip(p.split(rows), update.split(rows))
-            for shape in dict.fromkeys(update.shape for _, update in pairs):
-                same = [(weight, update) for weight, update in pairs if update.shape == shape]
-                orthogonal = newton_schulz(
-                    torch.stack([update for _, update in same]),
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                )
-                for (weight, _), update in zip(same, orthogonal):
-                    weight.add_(update.to(weight.dtype), alpha=-lr * max(1, shape[0] / shape[1]) ** 0.5)
+                pairs += [(p, i, part) for i, part in enumerate(whole.split(rows))]
+            orthogonal = {}  # (weight, part index) -> (the part's orthogonal update, its scale)
+            for shape in dict.fromkeys(update.shape for _, _, update in pairs):
+                same = [(weight, i, update) for weight, i, update in pairs if update.shape == shape]
+                stacked = torch.stack([update for _, _, update in same])
+                batch = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for (weight, i, _), update in zip(same, batch):
+                    orthogonal[weight, i] = (update.to(weight.dtype), max(1, shape[0] / shape[1]) ** 0.5)
+            for weight in dict.fromkeys(weight for weight, _, _ in pairs):
+                parts = [orthogonal[weight, i] for i in range(len(group.get("parts") or [0]))]
+                if isinstance(weight, DTensor):  # this process's rows of the whole step: no communication
+                    step = torch.cat([update * scale for update, scale in parts])
+                    local = distribute_tensor(step, weight.device_mesh, weight.placements, src_data_rank=None)
+                    weight.add_(local, alpha=-lr)
+                else:  # each part's rows in place: the arithmetic the README's figures were measured with
+                    for rows, (update, scale) in zip(
+                        weight.split(group.get("parts") or weight.size(0)), parts
+                    ):
+                        rows.add_(update, alpha=-lr * scale)
 
 
 def newton_schulz(

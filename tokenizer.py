@@ -202,6 +202,11 @@ class HFTokenizer(Tokenizer):
             raise UserError(
                 f"the Hugging Face tokenizer folder {path} named in the checkpoint does not exist"
             )
+        if not has_hf_tokenizer(Path(path)):
+            raise UserError(
+                f"{path} holds no tokenizer: none of {', '.join(HF_TOKENIZER_FILES)} is there; give a "
+                "checkpoint folder or a Hugging Face model folder with its tokenizer files"
+            )
         try:  # local_files_only: nothing here may turn into a download attempt
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -250,10 +255,19 @@ class HFTokenizer(Tokenizer):
         return {**token_bytes, **added}
 
     def save_hf(self, directory: Path) -> None:
-        for name in HF_TOKENIZER_FILES:
-            source, target = self.path / name, Path(directory) / name
-            if source.is_file() and source.resolve() != target.resolve():
-                shutil.copyfile(source, target)
+        copy_hf_tokenizer(self.path, Path(directory))
+
+
+def has_hf_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in HF_TOKENIZER_FILES)
+
+
+def copy_hf_tokenizer(source: Path, target: Path) -> None:
+    """The Hugging Face tokenizer files of folder source, copied into folder target (made if need be)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in HF_TOKENIZER_FILES:
+        if (source / name).is_file() and (source / name).resolve() != (target / name).resolve():
+            shutil.copyfile(source / name, target / name)
 
 
 def sentencepiece_bytes(token: str, byte_fallback: bool) -> bytes:

@@ -17,7 +17,9 @@ import json
 import math
 import signal
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (
+    CKPT_NAME,
+    TOKENIZER_DIR,
+    CheckpointError,
+    find_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     lock_out_dir,
@@ -58,9 +64,12 @@ from runtime import (
     world,
 )
 from tasks import score_task, task_names
-from tokenizer import get_tokenizer, tokenizer_entry
+from tokenizer import copy_hf_tokenizer, get_tokenizer, tokenizer_entry
 
 RUN_CONFIG_NAME = "config.json"  # the run's resolved config, what --init_from=resume restores
+# How a run is launched, not what it is: --init_from=resume takes them from the command line (or their
+# defaults), not from config.json, so a run resumes on whatever machine and process count is at hand.
+LAUNCH_KEYS = ("device", "parallelism", "compile")
 
 
 @dataclass
@@ -164,8 +173,8 @@ def train(cfg: TrainConfig) -> int:
     try:
         with processes(cfg.device, group_of_one=cfg.parallelism == "fsdp") as device:
             stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-            check_config(cfg, world()[1])
-            run = setup(cfg, device, stop_group)
+            check_config(cfg)
+            run = setup(fit_to_processes(cfg, world()[1]), device, stop_group)
             code = evaluate_only(run) if cfg.eval_only else train_loop(run)
             if dist.is_initialized():
                 dist.barrier()  # all done with collectives: destroying the group while one is busy can abort
@@ -178,7 +187,7 @@ def train(cfg: TrainConfig) -> int:
 def train_loop(run: Run) -> int:
     """Evaluate every eval_interval (saving when val loss improves), train an iteration, log every
     log_interval; stop at max_iters or, saving first, on SIGINT / SIGTERM. Returns the exit code."""
-    cfg = run.cfg
+    cfg, started = run.cfg, time.time()
     first_iter, stop_signal, loss_sum = run.iter_num, 0, None
     show_bar = world()[0] == 0 and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not show_bar, dynamic_ncols=True)
@@ -205,12 +214,25 @@ def train_loop(run: Run) -> int:
             clock = log_progress(run, loss_sum, lr, clock, bar)
     bar.close()
 
-    if cfg.eval_full and not stop_signal:
-        evaluate_full(run)
-        stop_signal = agreed_stop_signal(run.stop_group)
+    full_loss = evaluate_full(run) if cfg.eval_full and not stop_signal else None
+    stop_signal = stop_signal or agreed_stop_signal(run.stop_group)
     if stop_signal:
         return save_and_stop(run, stop_signal, loss_sum)
+    print_summary(run, time.time() - started, full_loss)
     return 0
+
+
+def print_summary(run: Run, seconds: float, full_loss: float | None) -> None:
+    """The run's last line: how far it went, its losses, and where its checkpoint is."""
+    full = "" if full_loss is None else f", full val loss {full_loss:.4f}"
+    try:
+        saved = find_checkpoint(run.cfg.out_dir)
+        where = f"checkpoint in {saved}; sample with: python sample.py --out_dir={run.cfg.out_dir}"
+    except CheckpointError:
+        where = "no checkpoint saved (the val loss never improved after iter 0)"
+    print0(
+        f"done: iter {run.iter_num} in {seconds:.1f}s, best val loss {run.best_val_loss:.4f}{full}; {where}"
+    )
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
@@ -283,7 +305,7 @@ def log_progress(
     mfu = run.raw_model.flops_per_token() * tokens_per_s / world()[1] / peak[1] if peak else None
     print0(
         f"iter {run.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-        f"{tokens_per_s:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+        f"{tokens_per_s:,.0f} tokens/s" + ("" if mfu is None else f", mfu {mfu:.1%}")
     )
     record = dict(loss=loss, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s, mfu=mfu)
     if (allocated := max_memory_allocated_bytes(run.device)) is not None:
@@ -313,6 +335,7 @@ def save(run: Run) -> None:
         "tokenizer": tokenizer_entry(run.meta),
         "scaler": run.scaler.state_dict(),
     }
+    print0(f"saving checkpoint to {out_dir} (iter {run.iter_num})")
     save_training_state(run.raw_model, run.optimizers, meta, out_dir, sharded=run.cfg.parallelism == "fsdp")
 
 
@@ -376,7 +399,7 @@ def evaluate(run: Run) -> float | None:
     return losses["val"]
 
 
-def evaluate_full(run: Run) -> None:
+def evaluate_full(run: Run) -> float | None:
     """The loss over the whole val split, every token once: the number to compare runs by."""
     t0, cfg = time.time(), run.cfg
     loss = full_val_loss(
@@ -389,9 +412,10 @@ def evaluate_full(run: Run) -> None:
         should_stop=lambda: bool(agreed_stop_signal(run.stop_group)),
     )
     if agreed_stop_signal(run.stop_group):  # cut short: not a result
-        return
+        return None
     print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
     run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
+    return loss
 
 
 def evaluate_only(run: Run) -> int:
@@ -427,7 +451,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     )
     del checkpoint  # the weights now live in the model and optimizer
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
-    keep_until = iter_num if resumed else math.inf if cfg.eval_only else None
+    keep = records_to_keep(cfg, resumed, iter_num)
     run = Run(
         cfg=cfg,
         device=device,
@@ -439,7 +463,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         train_model=train_model,
         optimizers=optimizers,
         scaler=scaler,
-        metrics=open_metrics(cfg, keep_until),
+        metrics=open_metrics(cfg, keep),
         lock=lock,
         stop_group=stop_group,
         local_steps=cfg.gradient_accumulation_steps // world()[1],
@@ -448,9 +472,21 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         best_val_loss=best_val_loss,
     )
     if not cfg.eval_only:
-        write_run_config(cfg)
+        write_run_files(cfg, meta)
     print_setup(run, dtype)
     return run
+
+
+def records_to_keep(cfg: TrainConfig, resumed: bool, iter_num: int) -> Callable[[dict], bool] | None:
+    """Which records of metrics.jsonl stay (None: a new log). A resumed run drops what the interrupted
+    one logged past its checkpoint; eval_only drops the evaluations of the checkpoint's iteration that
+    it writes anew, so that no iteration has an evaluation twice."""
+    if resumed:
+        return lambda record: record["iter"] <= iter_num
+    if cfg.eval_only:
+        rewritten = {"val_loss", *(("val_loss_full",) if cfg.eval_full else ())}
+        return lambda record: record["iter"] != iter_num or not rewritten & record.keys()
+    return None
 
 
 def new_optimizers(raw_model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -572,39 +608,61 @@ def restore_training_state(
     return checkpoint["best_val_loss"]
 
 
-def open_metrics(cfg: TrainConfig, keep_until: float | None) -> MetricsLog:
+def open_metrics(cfg: TrainConfig, keep: Callable[[dict], bool] | None) -> MetricsLog:
     """metrics.jsonl (and wandb, if asked) on rank 0; the other processes log nothing."""
     if world()[0] != 0:
-        return MetricsLog(None, keep_until)
-    wandb_run = None
-    if cfg.wandb_log:
-        import wandb  # only when asked for: it is slow to import
+        return MetricsLog(None, keep)
+    return MetricsLog(cfg.out_dir, keep, start_wandb(cfg) if cfg.wandb_log else None)
 
-        wandb_run = wandb.init(
+
+def start_wandb(cfg: TrainConfig):
+    """A wandb run, or one line that says how to get one: log in, or log locally with WANDB_MODE=offline."""
+    try:
+        import wandb  # only when asked for: it is slow to import
+    except ImportError:
+        raise UserError("wandb_log=True needs wandb: pip install wandb, or leave wandb_log off") from None
+    try:
+        return wandb.init(
             project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir
         )
-    return MetricsLog(cfg.out_dir, keep_until, wandb_run)
+    except Exception as e:  # wandb's own kinds: not logged in, no network, a bad project name
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"wandb did not start ({type(e).__name__}: {reason}); log in with `wandb login`, or log "
+            "locally with WANDB_MODE=offline (wandb sync uploads it later), or leave wandb_log off"
+        ) from None
 
 
-def write_run_config(cfg: TrainConfig) -> None:
-    """out_dir/config.json: what --init_from=resume restores (rank 0)."""
+def write_run_files(cfg: TrainConfig, meta: dict) -> None:
+    """out_dir/config.json, what --init_from=resume restores, and a copy of a Hugging Face tokenizer's
+    files, so that the run's checkpoints do not depend on the folder the data set names (rank 0)."""
     if world()[0] == 0:
         text = json.dumps(asdict(cfg), indent=2) + "\n"
         atomic_write(Path(cfg.out_dir) / RUN_CONFIG_NAME, lambda f: f.write(text.encode()))
+        if meta.get("tokenizer") == "hf" and Path(meta["path"]).is_dir():
+            copy_hf_tokenizer(Path(meta["path"]), Path(cfg.out_dir) / TOKENIZER_DIR)
 
 
 def print_setup(run: Run, dtype: torch.dtype) -> None:
+    """A few lines: the config's differences from the defaults (the whole of it is in config.json), the
+    model's size, the batch, the device and the memory per process."""
     cfg, world_size = run.cfg, world()[1]
-    peak = datasheet_peak_flops(run.device)
-    mfu_basis = f"{peak[0]}'s bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s" if peak else "no known peak"
-    print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items()))
+    changed = [
+        f"{key}={value!r}"
+        for key, value in asdict(cfg).items()
+        if value != getattr(TrainConfig, key) and not (key == "dataset" and cfg.data_dir)
+    ]
+    print0("\n".join(textwrap.wrap("config: " + ", ".join(changed), 110, subsequent_indent="  ")))
+    per_process = f" ({run.local_steps} in each of {world_size} processes)" if world_size > 1 else ""
     print0(
-        f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; "
-        f"{tokens_per_iter(cfg):,} tokens per iteration "
-        f"({world_size} process(es) x {run.local_steps} micro-steps x {cfg.batch_size} x {cfg.block_size}); "
-        f"device {run.device}, {str(dtype).removeprefix('torch.')}, compile {use_compile(cfg, run.device)}; "
-        f"mfu: {mfu_basis}"
+        f"{run.raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter(cfg):,} tokens per "
+        f"iteration: batch_size {cfg.batch_size} x block_size {cfg.block_size} x "
+        f"gradient_accumulation_steps {cfg.gradient_accumulation_steps}{per_process}"
     )
+    peak = datasheet_peak_flops(run.device)
+    mfu = f"; mfu against {peak[0]}'s bf16 datasheet peak, {peak[1] / 1e12:,.0f} TFLOP/s" if peak else ""
+    compiled = "compiled" if use_compile(cfg, run.device) else "not compiled"
+    print0(f"device {run.device}, {str(dtype).removeprefix('torch.')}, {compiled}{mfu}")
     layout = cfg.parallelism if world_size > 1 else "one process"
     if cfg.parallelism == "fsdp" and world_size == 1:
         layout = "fsdp in one process, the sharded code path: it saves no memory"
@@ -640,7 +698,7 @@ def tokens_per_iter(cfg: TrainConfig) -> int:
 # --- checks ---------------------------------------------------------------------------------------
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Values no run can use, refused before any work (exit code 2)."""
     at_least_1 = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters")
     at_least_1 += ("eval_task_examples", "muon_ns_steps", "log_interval")
@@ -650,29 +708,33 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE)
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
+    rules |= {"parallelism": one_of("ddp", "fsdp")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
     check_values(cfg, rules)
     task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
-    check_parallelism(cfg, world_size)
+    # nanoGPT's init_from=gpt2, gpt2-medium, ...: a clear no, with what to use instead
+    if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).exists():
+        raise ConfigError(
+            f"init_from={cfg.init_from!r}: GPT-2's architecture (learned positions, LayerNorm, GELU) is not "
+            "this model's (RoPE, RMSNorm, SwiGLU). Import a Llama-family model instead, e.g. SmolLM2-135M "
+            "(GPT-2 small's size, far stronger): python convert.py import path/to/SmolLM2-135M "
+            "out-smollm2, then --init_from=out-smollm2"
+        )
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
 
 
-def check_parallelism(cfg: TrainConfig, world_size: int) -> None:
-    """The ways of sharing the work among processes that this run's settings allow."""
-    if cfg.optimizer == "muon" and cfg.parallelism == "fsdp":
-        raise ConfigError(
-            "optimizer='muon' with parallelism='fsdp' is not supported: Muon orthogonalises each matrix, "
-            "and each process would orthogonalise only its shard; use ddp, or adamw"
+def fit_to_processes(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """cfg with gradient_accumulation_steps, the micro-steps of all processes together, rounded up to a
+    multiple of the number of processes, so that each runs as many (said once; config.json keeps it)."""
+    steps = math.ceil(cfg.gradient_accumulation_steps / world_size) * world_size
+    if steps != cfg.gradient_accumulation_steps:
+        print0(
+            f"note: gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {steps}, rounded up to "
+            f"a multiple of the {world_size} processes: {steps // world_size} per process"
         )
-    if cfg.parallelism not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
-    if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError(
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} counts micro-steps over all "
-            f"{world_size} processes and must be a multiple of {world_size}"
-        )
+    return replace(cfg, gradient_accumulation_steps=steps)
 
 
 # --- signals and the command line -----------------------------------------------------------------
@@ -708,14 +770,30 @@ def read_config(argv: list[str] | None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(TrainConfig(), argv, prog="train.py", description=__doc__.splitlines()[0])
     saved = Path(cfg.out_dir) / RUN_CONFIG_NAME
-    if cfg.init_from != "resume" or not saved.is_file():
+    if cfg.init_from != "resume":
+        return cfg
+    if not saved.is_file():
+        try:
+            find_checkpoint(cfg.out_dir)
+        except CheckpointError:  # before anything else: the defaults' data set is not what is missing
+            raise UserError(
+                f"no checkpoint in {cfg.out_dir} to resume (no {RUN_CONFIG_NAME}, {CKPT_NAME} or sharded "
+                "checkpoint): check --out_dir, or start a run without --init_from=resume"
+            ) from None
         return cfg
     resumed = parse_config(TrainConfig(), [str(saved), *argv])
+    resumed = replace(resumed, **{key: getattr(cfg, key) for key in LAUNCH_KEYS})
     saved_cfg = parse_config(TrainConfig(), [str(saved)])
     changes = [
-        f"{k}={v!r}" for k, v in asdict(resumed).items() if v != getattr(saved_cfg, k) and k != "init_from"
+        f"{k}={v!r}"
+        for k, v in asdict(resumed).items()
+        if v != getattr(saved_cfg, k) and k not in ("init_from", *LAUNCH_KEYS)
     ]
-    print0(f"resuming with {saved}" + (f", changed: {', '.join(changes)}" if changes else ""))
+    print0(
+        f"resuming with {saved}"
+        + (f", changed: {', '.join(changes)}" if changes else "")
+        + f"; {', '.join(LAUNCH_KEYS)} follow this machine and command line, not the saved run"
+    )
     return resumed
 
 

@@ -158,7 +158,6 @@ CASES = [
     Case("negative warmup", "train", lambda e: e.train("--warmup_iters=-1"), 2, "warmup_iters must not be"),
     Case("negative grad_clip", "train", lambda e: e.train("--grad_clip=-1.0"), 2, "grad_clip must not be"),
     Case("negative weight decay", "train", lambda e: e.train("--weight_decay=-0.1"), 2, "weight_decay must"),
-    Case("muon with fsdp", "train", lambda e: e.train("--optimizer=muon", "--parallelism=fsdp"), 2, "muon"),
     Case("unknown optimizer", "train", lambda e: e.train("--optimizer=sgd"), 2, "optimizer must be one of"),
     Case(
         "zero muon_lr", "train", lambda e: e.train("--optimizer=muon", "--muon_lr=0.0"), 2, "must be positive"
@@ -274,7 +273,7 @@ CASES = [
     ),
     Case("block larger than data", "train", lambda e: e.train("--block_size=200000"), 1, "does not fit"),
     Case(
-        "resume without checkpoint", "train", lambda e: e.train("--init_from=resume"), 1, "no checkpoint at"
+        "resume without checkpoint", "train", lambda e: e.train("--init_from=resume"), 1, "no checkpoint in"
     ),
     Case(
         "resume a corrupt checkpoint",
@@ -546,7 +545,7 @@ def test_the_table_covers_every_cli_with_at_least_40_cases():
 
 
 def test_a_failed_metrics_write_leaves_no_torn_line(tmp_path, monkeypatch):
-    log = metrics.MetricsLog(str(tmp_path), keep_until=None)
+    log = metrics.MetricsLog(str(tmp_path), keep=None)
     log.write({"iter": 1, "loss": 2.0})
     real_open = Path.open
 

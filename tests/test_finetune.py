@@ -1,8 +1,10 @@
 """The README's fine-tuning flow end to end, offline: a randomly initialised Qwen3 saved by transformers with
-a tokenizer trained here -> convert.py import -> data/shakespeare/prepare.py --tokenizer -> train.py
---init_from -> sample.py -> convert.py export, which transformers loads back."""
+a tokenizer trained here -> convert.py import (then the source folder is deleted) ->
+data/shakespeare/prepare.py --tokenizer -> train.py --init_from -> sample.py -> convert.py export, which
+transformers loads back."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -61,12 +63,18 @@ def test_imported_qwen3_fine_tunes_on_text_prepared_with_its_tokenizer_then_samp
 
     out_qwen3, data_dir, out_ft = tmp_path / "out-qwen3", tmp_path / "data", tmp_path / "out-ft"
     run_cli(convert.main, ["import", str(hf_dir), str(out_qwen3), "--block_size=64"])
+    shutil.rmtree(hf_dir)  # the imported out_dir holds the tokenizer's files: it no longer needs hf_dir
+    run_cli(sample.main, [f"--out_dir={out_qwen3}", "--start=ROMEO:", "--max_new_tokens=4"])
     prepare = [sys.executable, REPO_ROOT / "data/shakespeare/prepare.py", "--input", shakespeare_input]
     subprocess.run(
         [*prepare, "--tokenizer", out_qwen3, "--out_dir", data_dir], check=True, capture_output=True
     )
     meta = json.loads((data_dir / "meta.json").read_text())
-    assert (meta["tokenizer"], meta["path"], meta["vocab_size"]) == ("hf", str(hf_dir.resolve()), 512)
+    assert (meta["tokenizer"], meta["path"], meta["vocab_size"]) == (
+        "hf",
+        str((out_qwen3 / "tokenizer").resolve()),
+        512,
+    )
     train_ids = np.fromfile(data_dir / "train.bin", dtype=meta["dtype"])
     assert train_ids[:200].tolist() == hf_tokenizer.encode(text[:2000])[:200]
 

@@ -87,6 +87,27 @@ def test_fsdp_matches_ddp_and_one_process_and_halves_the_memory(char_data, one_p
 
 
 @pytest.mark.slow
+def test_fsdp_with_muon_matches_ddp_with_muon(char_data, tmp_path):
+    """Muon orthogonalises whole matrices under fsdp too: each process gathers the sharded updates."""
+    for parallelism in ("fsdp", "ddp"):
+        flags = ("--max_iters=6", "--optimizer=muon", f"--parallelism={parallelism}")
+        run(tmp_path / parallelism, char_data, *flags, nproc=2)
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"))
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_resumes_in_one_process_with_no_extra_flag(char_data, one_process, tmp_path):
+    """parallelism, like device and compile, follows the machine at hand, not the saved config."""
+    reference, _ = one_process
+    out = tmp_path / "out"
+    run(out, char_data, "--max_iters=2", "--parallelism=fsdp", nproc=2)
+    output = run(out, char_data, "--max_iters=4", "--init_from=resume")
+    assert "device, parallelism, compile follow this machine" in output and "resumed from iter 2" in output
+    assert json.loads((out / "config.json").read_text())["parallelism"] == "ddp"
+    assert_close(losses(out), {it: loss for it, loss in losses(reference).items() if it <= 4})
+
+
+@pytest.mark.slow
 def test_checkpoints_resume_across_process_counts_and_sharding(char_data, one_process, tmp_path):
     """1 process -> fsdp on 2 -> 1 process -> fsdp on 2 -> ddp on 2 with activation checkpointing,
     2 iterations each: the same losses as 10 iterations in one process."""

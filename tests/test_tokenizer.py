@@ -1,8 +1,14 @@
 """tokenizer.py: the character and tiktoken tokenizers round-trip text and stream bytes."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tokenizer import Tokenizer, get_tokenizer, tokenizer_entry
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_char_tokenizer_names_the_characters_it_lacks():
@@ -102,3 +108,16 @@ def test_gpt2_saved_as_hf_tokenizer_encodes_every_text_like_tiktoken(tmp_path, s
         ids = ours.encode(text)
         assert theirs.encode(text) == ids and theirs.decode(ids) == text
     assert theirs.eos_token_id == theirs.bos_token_id == 50256
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_is_named_in_one_line(tmp_path, shakespeare_input):
+    pytest.importorskip("transformers")
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "data/shakespeare/prepare.py"), "--input", str(shakespeare_input),
+         "--tokenizer", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "holds no tokenizer" in result.stderr

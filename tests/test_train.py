@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -247,10 +247,24 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path, optimizer):
         assert ddp_loss[it] == pytest.approx(loss, rel=1e-5), it
 
 
-def test_gradient_accumulation_must_divide_among_processes(char_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "world", lambda: (0, 3))
-    assert run_train(tmp_path / "out", char_data, "--gradient_accumulation_steps=4") == 2  # a config error
-    assert "must be a multiple of 3" in capsys.readouterr().err
+def test_gradient_accumulation_rounds_up_to_a_multiple_of_the_processes_and_says_so(capsys):
+    cfg = train.TrainConfig(gradient_accumulation_steps=5)
+    assert train.fit_to_processes(cfg, 1) == cfg
+    assert train.fit_to_processes(cfg, 5) == cfg and capsys.readouterr().out == ""
+    assert train.fit_to_processes(cfg, 2).gradient_accumulation_steps == 6
+    assert "gradient_accumulation_steps 5 -> 6" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_main_config_runs_under_torchrun_on_two_processes_as_it_is(char_data, tmp_path):
+    command = [*TORCHRUN, str(REPO / "train.py"), str(REPO / "configs/shakespeare_char.py")]
+    command += [f"--out_dir={tmp_path / 'out'}", f"--data_dir={char_data}", "--max_iters=4", "--eval_iters=2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("gradient_accumulation_steps 1 -> 2") == 1  # said once, by rank 0
+    assert result.stdout.count("done: iter 4") == 1
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["gradient_accumulation_steps"] == 2  # what a resume in any number of processes continues
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, capsys):
@@ -343,6 +357,22 @@ def test_wandb_offline_run_completes(char_data, tmp_path, monkeypatch):
     assert list((tmp_path / "out" / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_without_a_login_or_not_installed_stops_in_one_line_naming_the_fix(
+    char_data, tmp_path, monkeypatch, capsys
+):
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if not k.startswith("WANDB_")}
+    result = subprocess.run(
+        [sys.executable, *train_cmd(tmp_path / "out", char_data, "--max_iters=1", "--wandb_log=True")],
+        capture_output=True, text=True, timeout=120, env={**env, "HOME": str(tmp_path)},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "wandb login" in result.stderr and "WANDB_MODE=offline" in result.stderr
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets when it is not installed
+    assert run_train(tmp_path / "out2", char_data, "--max_iters=1", "--wandb_log=True") == 1
+    assert "pip install wandb" in capsys.readouterr().err
+
+
 def test_vocab_is_padded_to_a_multiple_of_64_only_when_large():
     assert train.padded_vocab_size(65) == 65
     assert train.padded_vocab_size(50257) == 50304
@@ -417,8 +447,74 @@ def test_resume_with_another_model_shape_is_refused(char_data, tmp_path, capsys)
     )
 
 
-def test_resume_without_a_checkpoint_is_refused(char_data, tmp_path, capsys):
-    expect_error(tmp_path / "out", char_data, ["--init_from=resume"], "no checkpoint at", capsys)
+def test_resume_from_an_empty_or_mistyped_out_dir_says_it_holds_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for out_dir in (tmp_path / "empty", tmp_path / "out-resum2"):  # no --data_dir: the default set is absent
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([f"--out_dir={out_dir}", "--init_from=resume"])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == (
+            f"error: no checkpoint in {out_dir} to resume (no config.json, ckpt.pt or sharded checkpoint): "
+            "check --out_dir, or start a run without --init_from=resume\n"
+        )
+    assert not (tmp_path / "out-resum2").exists()  # a mistyped name does not become a folder
+
+
+def test_init_from_gpt2_explains_the_architecture_and_names_a_model_to_import(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([f"--out_dir={tmp_path}", "--init_from=gpt2-medium"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "learned positions, LayerNorm, GELU" in err and "SmolLM2-135M" in err
+
+
+def test_training_says_when_it_saves_and_ends_with_a_summary(char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        run_train(out, char_data, "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=True") == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    saves = [line for line in lines if line.startswith("saving checkpoint")]
+    assert saves == [f"saving checkpoint to {out} (iter {it})" for it in (2, 4)]
+    assert lines[-1].startswith("done: iter 4 in ")
+    assert lines[-1].endswith(
+        f"checkpoint in {out / CKPT_NAME}; sample with: python sample.py --out_dir={out}"
+    )
+
+
+def test_the_main_job_prints_a_few_lines_before_training_and_saves_the_whole_config(
+    char_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = [str(REPO / "configs/shakespeare_char.py"), f"--out_dir={out}", f"--data_dir={char_data}"]
+    with pytest.raises(SystemExit, match="0"):
+        train.main([*argv, "--max_iters=1", "--eval_iters=1", "--eval_full=False"])
+    lines = capsys.readouterr().out.splitlines()
+    startup = lines[: next(i for i, line in enumerate(lines) if line.startswith("iter 0:"))]
+    assert len(startup) <= 15, startup
+    assert "mfu" not in "\n".join(lines) and "dataset=" not in "\n".join(startup)  # data_dir is set
+    assert json.loads((out / "config.json").read_text()).keys() == asdict(train.TrainConfig()).keys()
+
+
+def test_elapsed_s_continues_across_a_resume(char_data, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        run_train(out, char_data, "--max_iters=2", "--always_save_checkpoint=True", "--eval_interval=2") == 0
+    )
+    assert run_train(out, char_data, "--max_iters=4", "--init_from=resume") == 0
+    elapsed = [json.loads(line)["elapsed_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed) and len(elapsed) > 4
+
+
+def test_eval_only_adds_no_duplicate_rows_to_metrics(char_data, tmp_path):
+    out = tmp_path / "out"
+    flags = ("--max_iters=2", "--always_save_checkpoint=True", "--eval_interval=2", "--eval_full=True")
+    assert run_train(out, char_data, *flags) == 0
+    for _ in range(2):
+        assert run_train(out, char_data, "--eval_only=True", "--init_from=resume") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["iter"], key) for r in records for key in r if key not in ("iter", "elapsed_s")]
+    assert len(keys) == len(set(keys)) and (2, "val_loss_full") in keys
 
 
 def test_out_dir_that_is_a_file_is_refused(char_data, tmp_path, capsys):
