@@ -15,7 +15,7 @@ import numpy as np
 
 from checkpoint import load_model_and_tokenizer
 from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
-from dataset import load_meta, read_tokens, resolve_data_dir
+from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
     ConfigError,
@@ -85,7 +85,7 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
             f"({meta.get('tokenizer')} vs {checkpoint['tokenizer'].get('tokenizer')}): bpb needs the val "
             "split in the model's own tokens; pass --data_dir of a data set prepared for this model"
         )
-    return data_dir, read_tokens(data_dir, meta, "val")
+    return data_dir, read_checked_tokens(data_dir, meta, "val")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:

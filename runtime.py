@@ -5,7 +5,8 @@ Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a mis
 data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
 a wrong type, a value out of range, a model shape that does not divide, a device this machine lacks);
 130 / 143 stopped by Ctrl-C / SIGTERM. Failures of the environment (disk full, no permission) are
-bad input too: one line, exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message.
+bad input too: one line, exit code 1. Anything else is a bug: one line that says so ("internal error"),
+exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message, with the same exit code.
 
 torch is imported inside the functions that need it: the data preparation scripts use this module
 too, and they start in a fifth of a second without torch, in over a second with it.
@@ -17,6 +18,7 @@ import errno
 import os
 import secrets
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -50,7 +52,20 @@ OS_ERROR_HINTS = {
     errno.EROFS: "the file system is read-only: write somewhere else",
     errno.EEXIST: "a file stands where a folder is needed: choose another path",
     errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+    errno.EFBIG: "the file outgrew the size this process may write (ulimit -f) or the file system allows",
 }
+
+
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError that caused e, if any. torch's and safetensors' writers turn a full disk into their
+    own RuntimeError while handling the OSError, which then survives only as the error's context."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def describe_os_error(e: OSError) -> str:
@@ -62,22 +77,34 @@ def describe_os_error(e: OSError) -> str:
     return f"{text}; {hint}" if hint else text
 
 
+def debug_mode() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def exit_on_error(run: Callable[[], int | None]) -> NoReturn:
     """Run a CLI's work and exit with its code. A UserError or an OSError becomes one line on stderr
-    and its exit code; Ctrl-C exits 130."""
+    and its exit code; Ctrl-C exits 130. Any other exception is a bug, reported as one: the last
+    resort, which no known bad input may reach."""
     try:
         code = run() or 0
-    except (UserError, OSError) as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        code = e.exit_code if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails again
         code = 1
+    except Exception as e:
+        os_error = os_error_behind(e)
+        if isinstance(e, UserError):
+            message, code = str(e), e.exit_code
+        elif os_error is not None:
+            message, code = describe_os_error(os_error), 1
+        else:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            message = f"internal error: {reason}; {DEBUG_ENV}=1 shows the traceback; please report it"
+            code = 1
+        if debug_mode():
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -96,6 +123,8 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
         device = torch.device(requested)
     except RuntimeError:
         raise ConfigError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # torch knows xpu, meta, ...; these programs do not
+        raise ConfigError(f"device={requested!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, True):
         raise ConfigError(f"device={requested!r} is not available on this machine; use --device=auto or cpu")
@@ -197,8 +226,9 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp_path, path)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno:  # name the file the user knows, not the temporary one
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        os_error = os_error_behind(e)
+        if os_error is not None:  # name the file the user knows, not the temporary one
+            raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 

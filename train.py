@@ -32,14 +32,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (
+    CKPT_NAME,
+    find_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     lock_out_dir,
     model_from_checkpoint,
+    prune_checkpoints,
     save_training_state,
 )
 from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, POSITIVE, check_values, one_of, parse_config
-from dataset import check_data_fits, get_batch, load_meta, read_tokens, resolve_data_dir
+from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
 from model import GPT, GPTConfig
@@ -51,6 +54,7 @@ from runtime import (
     autocast,
     datasheet_peak_flops,
     exit_on_error,
+    free_memory_bytes,
     pick_dtype,
     print0,
     processes,
@@ -378,7 +382,7 @@ def evaluate_full(run: Run) -> None:
     t0, cfg = time.time(), run.cfg
     loss = full_val_loss(
         run.model,
-        read_tokens(run.data_dir, run.meta, "val"),
+        read_checked_tokens(run.data_dir, run.meta, "val"),
         cfg.block_size,
         cfg.batch_size,
         run.device,
@@ -412,8 +416,9 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in float32
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    raw_model, checkpoint, cfg = init_model(cfg, meta)
-    check_data_fits(data_dir, meta, cfg.block_size)
+    check_data_fits(data_dir, meta, cfg.block_size)  # before building a model of that length
+    raw_model, checkpoint, cfg = init_model(cfg, meta, device)
+    check_data_fits(data_dir, meta, cfg.block_size)  # a loaded model brings its own
     model, train_model = parallelize(raw_model, cfg, device, dtype)
     optimizers = new_optimizers(raw_model, cfg, device)  # after sharding: they update its shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -423,6 +428,8 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         restore_training_state(cfg, checkpoint, raw_model, optimizers, scaler) if resumed else math.inf
     )
     del checkpoint  # the weights now live in the model and optimizer
+    if resumed and lock is not None:  # what it replaced goes only now that it has loaded
+        prune_checkpoints(Path(cfg.out_dir), keep=find_checkpoint(cfg.out_dir))
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
     keep_until = iter_num if resumed else math.inf if cfg.eval_only else None
     run = Run(
@@ -478,7 +485,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
         raise ConfigError(f"bad model shape: {e}") from None
 
 
-def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainConfig]:
+def init_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[GPT, dict | None, TrainConfig]:
     """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
     shape keys set to the model's. Resuming needs the run's own shape keys; any other load takes the
     checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice.
@@ -486,6 +493,8 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     checkpoint."""
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
+        check_model_fits(wanted, cfg, device)
+        warn_of_replaced_checkpoint(cfg)
         return GPT(wanted, cfg.zero_init_out_proj), None, cfg
     path = Path(cfg.out_dir) if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
@@ -513,6 +522,40 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
             f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
         )
     return model, checkpoint, replace(cfg, **changed)
+
+
+def check_model_fits(config: GPTConfig, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, with the figures, a model whose parameters, gradients, optimizer state and RoPE tables
+    alone exceed the device's free memory (activations come on top), before allocating any of it."""
+    free = free_memory_bytes(device)
+    with torch.device("meta"):  # shapes only: no memory
+        model = GPT(config)
+    weights = sum(p.numel() for p in model.parameters()) * 4  # float32 master weights
+    moments = 2 if cfg.optimizer == "adamw" else 1  # Muon keeps one for its matrices: a lower bound
+    shards = world()[1] if cfg.parallelism == "fsdp" else 1
+    tables = sum(b.numel() * b.element_size() for b in model.buffers())
+    need = (2 + moments) * weights / shards + tables
+    if free is not None and need > free:
+        gib = {
+            "parameters and gradients": 2 * weights / shards,
+            "optimizer state": moments * weights / shards,
+        }
+        parts = ", ".join(f"{k} {v / 2**30:,.1f} GiB" for k, v in {**gib, "RoPE tables": tables}.items())
+        raise ConfigError(
+            f"the model needs at least {need / 2**30:,.1f} GiB on {device} ({parts}) but "
+            f"{free / 2**30:,.1f} GiB is free: lower n_layer, n_embd or block_size"
+        )
+
+
+def warn_of_replaced_checkpoint(cfg: TrainConfig) -> None:
+    """A new run into an out_dir holding another run's checkpoint replaces it at its first save."""
+    out_dir = Path(cfg.out_dir)
+    found = [p.name for p in [out_dir / CKPT_NAME, *sorted(out_dir.glob("ckpt-*"))] if p.exists()]
+    if found and not cfg.eval_only:
+        print0(
+            f"warning: {out_dir} holds the checkpoint of an earlier run ({', '.join(found)}); this run's "
+            "first save replaces it. Stop now and choose another out_dir to keep it"
+        )
 
 
 def parallelize(
