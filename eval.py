@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
+from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, POSITIVE, check_values, parse_config
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
@@ -66,6 +66,7 @@ class EvalConfig:
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     json: str | None = None  # also write the results to this file as a JSON object
+    collective_timeout_s: float = 600  # under torchrun: a wait this long for another process ends the run
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -90,11 +91,14 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
-    check_values(cfg, {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE})
+    check_values(
+        cfg,
+        {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE, "collective_timeout_s": POSITIVE},
+    )
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:
         raise ConfigError("tasks is empty: name at least one of bpb, hellaswag or a task file")
-    with processes(cfg.device) as device:
+    with processes(cfg.device, cfg.collective_timeout_s) as device:
         mix = autocast(device, pick_dtype(cfg.dtype, device))
         model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
         results = {}

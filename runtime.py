@@ -17,10 +17,15 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import signal
+import socket
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -236,21 +241,72 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 # --- processes ------------------------------------------------------------------------------------
 
 
+SIGTERM_GRACE_S = 25  # torchrun kills its workers 30 s after passing them its own SIGTERM
+
+
 @contextmanager
-def processes(requested_device: str) -> Iterator[torch.device]:
+def processes(requested_device: str, collective_timeout_s: float = 600) -> Iterator[torch.device]:
     """This process's device. Under torchrun (RANK is set) each process takes its local rank's GPU and
-    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out."""
+    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out. A collective
+    that waits over collective_timeout_s for another process ends the run: one line on gloo; on NCCL
+    its watchdog aborts the process (exit -6, NCCL's own lines: PyTorch gives no hook for a message)."""
     import torch.distributed as dist
 
     distributed = "RANK" in os.environ
     device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=collective_timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     try:
-        yield device
+        with exit_when_stuck_after_sigterm() if distributed else nullcontext():
+            yield device
+    except RuntimeError as e:
+        if not distributed or "Timed out" not in str(e) and "Connection closed by peer" not in str(e):
+            raise
+        rank, world_size = world()
+        others = (
+            "rank 1" if world_size == 2 and rank == 0 else "rank 0" if world_size == 2 else "another rank"
+        )
+        raise UserError(
+            f"rank {rank}: a collective waited over collective_timeout_s={collective_timeout_s:g} s for "
+            f"{others}, or lost it: that process is stopped (kill -STOP: send it SIGCONT), stuck or died; "
+            "see its output, then resume"
+        ) from e
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def exit_when_stuck_after_sigterm() -> Iterator[None]:
+    """A process blocked in a collective never returns to Python, so its SIGTERM handler cannot run.
+    Python's C-level handler still writes the signal's number to the wakeup fd; a thread reading it
+    exits the process with 143 if it is still alive SIGTERM_GRACE_S later (a healthy one has saved
+    and stopped by then). Main thread only, as signal.set_wakeup_fd."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while (received := reader.recv(1)) and received[0] != signal.SIGTERM:
+            pass
+        if received:
+            time.sleep(SIGTERM_GRACE_S)
+            print(
+                f"error: rank {world()[0]} did not stop within {SIGTERM_GRACE_S} s of SIGTERM (blocked in a "
+                "collective by another process): exiting unsaved; the last checkpoint is intact",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(143)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        writer.close()  # the reader sees the end and the thread ends
+        reader.shutdown(socket.SHUT_RDWR)
 
 
 def world() -> tuple[int, int]:

@@ -20,6 +20,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -125,6 +126,9 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 if unsupported), else float32; or one of those
     compile: bool | None = None  # torch.compile the model; None = only on CUDA
     seed: int = 1337
+    # A process that waits this long in a collective for another one ends the run (one stopped, stuck
+    # or dead). Healthy waits stay far below it: rank 0 saving ckpt.pt, or a rank compiling; see runtime.
+    collective_timeout_s: float = 600
 
 
 # TrainConfig keys that are also GPTConfig fields: the model's shape and options.
@@ -165,8 +169,9 @@ def train(cfg: TrainConfig) -> int:
     _stop_signal = 0
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with processes(cfg.device) as device:
-            stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        with processes(cfg.device, cfg.collective_timeout_s) as device:
+            timeout = timedelta(seconds=cfg.collective_timeout_s)
+            stop_group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
             check_config(cfg, world()[1])
             run = setup(cfg, device, stop_group)
             code = evaluate_only(run) if cfg.eval_only else train_loop(run)
@@ -683,7 +688,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
     rules = dict.fromkeys(at_least_1, AT_LEAST_1) | dict.fromkeys(not_negative, NOT_NEGATIVE)
     rules |= dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), BELOW_ONE)
-    rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE)
+    rules |= dict.fromkeys(("learning_rate", "muon_lr", "collective_timeout_s"), POSITIVE)
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
