@@ -29,6 +29,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
         drop_sorted = mass_before >= top_p  # those before it already reach top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays, even if top_p rounds to 0 in float32
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -38,9 +39,10 @@ def sample_next_token(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
     """One token per row of logits (B, vocab) -> (B, 1). temperature 0 is greedy (argmax)."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a float32 zero: the limit is greedy
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()  # less the row's maximum: a tiny temperature then gives -inf, never inf - inf
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
 
 
