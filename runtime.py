@@ -221,12 +221,26 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write path through write(file): into a uniquely named temporary file beside it, fsync, then
     rename over path. A crash at any moment leaves the old file or the new one, never a torn one; a
     failed write removes its temporary file."""
+
+    def write_new(tmp_path: Path) -> None:
+        with open(tmp_path, "xb") as f:
+            write(f)
+
+    atomic_write_by_name(path, write_new)
+
+
+def atomic_write_by_name(path: PathLike, write: Callable[[Path], None]) -> None:
+    """atomic_write for writers that take a file name (safetensors' save_file): write(name) creates
+    the temporary file, and what it wrote (whatever inode and mode it gave the file) is fsynced and
+    given a new file's usual mode before the rename."""
     path = Path(path)
     tmp_path = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp_path, "xb") as f:
-            write(f)
-            f.flush()
+        write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # save_file creates its files 0600
+        with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException as e:
