@@ -533,12 +533,19 @@ def check_model_fits(config: GPTConfig, cfg: TrainConfig, device: torch.device) 
     """Refuse, with the figures, a model whose parameters, gradients, optimizer state and RoPE tables
     alone exceed the device's free memory (activations come on top), before allocating any of it."""
     free = free_memory_bytes(device)
-    with torch.device("meta"):  # shapes only: no memory
-        model = GPT(config)
-    weights = sum(p.numel() for p in model.parameters()) * 4  # float32 master weights
+
+    def sizes(n_layer: int) -> tuple[int, int]:  # (parameters, bytes of buffers) of n_layer blocks
+        with torch.device("meta"):  # shapes only: no memory
+            model = GPT(replace(config, n_layer=n_layer))
+        return sum(p.numel() for p in model.parameters()), sum(b.nbytes for b in model.buffers())
+
+    # Two small models' sizes, extrapolated by layer: building all n_layer blocks, even on the meta
+    # device, takes minutes for 100,000 layers.
+    (params_1, tables_1), (params_2, tables_2) = sizes(1), sizes(2)
+    weights = (params_1 + (config.n_layer - 1) * (params_2 - params_1)) * 4  # float32 master weights
+    tables = tables_1 + (config.n_layer - 1) * (tables_2 - tables_1)
     moments = 2 if cfg.optimizer == "adamw" else 1  # Muon keeps one for its matrices: a lower bound
     shards = world()[1] if cfg.parallelism == "fsdp" else 1
-    tables = sum(b.numel() * b.element_size() for b in model.buffers())
     need = (2 + moments) * weights / shards + tables
     if free is not None and need > free:
         gib = {
