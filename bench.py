@@ -31,12 +31,12 @@ from pathlib import Path
 import psutil
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import read_config_file
 from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate, generate_tokens, sample_next_token
 from model import GPT, GPTConfig
 from optim import make_optimizers
-from runtime import DTYPE_NAMES, autocast, exit_on_error, pick_device, pick_dtype
+from runtime import DTYPE_NAMES, UserError, atomic_write, autocast, exit_on_error, pick_device, pick_dtype
 from tasks import continuation_logprobs
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
@@ -592,6 +592,11 @@ def bench(argv: list[str] | None) -> None:
     transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    # What would fail only at the end of minutes of measuring fails now.
+    if args.out_dir:
+        find_checkpoint(args.out_dir)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     dtype_name = str(dtype).removeprefix("torch.")
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
@@ -630,7 +635,8 @@ def bench(argv: list[str] | None) -> None:
         )
         print_table(results, preset)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        text = json.dumps(results, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,16 @@ from checkpoint import (
     prune_checkpoints,
     save_training_state,
 )
-from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, POSITIVE, check_values, one_of, parse_config
+from configurator import (
+    AT_LEAST_1,
+    BELOW_ONE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    TIMEOUT_S,
+    check_values,
+    one_of,
+    parse_config,
+)
 from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
@@ -695,7 +704,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
     rules = dict.fromkeys(at_least_1, AT_LEAST_1) | dict.fromkeys(not_negative, NOT_NEGATIVE)
     rules |= dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), BELOW_ONE)
-    rules |= dict.fromkeys(("learning_rate", "muon_lr", "collective_timeout_s"), POSITIVE)
+    rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE) | {"collective_timeout_s": TIMEOUT_S}
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}

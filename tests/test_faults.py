@@ -265,21 +265,28 @@ CASES += [
         "train",
         lambda e: e.train("--collective_timeout_s=0"),
         2,
-        "collective_timeout_s must be positive",
+        "collective_timeout_s must be positive, in seconds",
     ),
     Case(
         "train: collective_timeout_s negative",
         "train",
         lambda e: e.train("--collective_timeout_s=-5"),
         2,
-        "collective_timeout_s must be positive",
+        "collective_timeout_s must be positive, in seconds",
+    ),
+    Case(
+        "train: collective_timeout_s infinite",
+        "train",
+        lambda e: e.train("--collective_timeout_s=1e309"),
+        2,
+        "collective_timeout_s must be positive, in seconds",
     ),
     Case(
         "eval: collective_timeout_s 0",
         "eval",
         lambda e: [f"--out_dir={e.run}", "--collective_timeout_s=0"],
         2,
-        "collective_timeout_s must be positive",
+        "collective_timeout_s must be positive, in seconds",
     ),
     Case(
         "sample: seed above 2**63",
@@ -458,6 +465,20 @@ CASES += [
         2,
         "name an image file ending in one of",
     ),
+    Case(
+        "bench: --json in a missing folder",
+        "bench",
+        lambda e: [f"--json={e.tmp}/no/b.json"],
+        1,
+        "its folder does not exist",
+    ),
+    Case(
+        "bench: --out_dir without a checkpoint",
+        "bench",
+        lambda e: [f"--out_dir={e.tmp}"],
+        1,
+        "no checkpoint at",
+    ),
     # prepare scripts (processes)
     Case(
         "prepare: a JSON line that is not an object",
@@ -583,6 +604,13 @@ def test_an_unforeseen_exception_says_it_is_a_bug(monkeypatch, capsys):
         "error: internal error: KeyError: 'x'; LLM_TRAIN_DEBUG=1 shows the traceback"
         in capsys.readouterr().err
     )
+
+
+def test_a_seeded_sample_of_the_fuzz_pass_finds_no_traceback_hang_or_loss():
+    command = [sys.executable, "tests/fuzz_cli.py", "--sample=6", "--seed=1", "--timeout=60"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "last-resort" not in result.stdout, result.stdout
 
 
 def test_exported_files_have_the_usual_file_modes(finished_run, tmp_path):
