@@ -59,7 +59,6 @@ AT_LEAST_1_OR_NONE: Rule = (lambda v: v is None or v >= 1, "must be at least 1 o
 NOT_NEGATIVE: Rule = (lambda v: v is None or v >= 0, "must not be negative")
 POSITIVE: Rule = (lambda v: v > 0, "must be positive")
 BELOW_ONE: Rule = (lambda v: 0 <= v < 1, "must be in [0, 1)")
-TIMEOUT_S: Rule = (lambda v: 0 < v <= 1e7, "must be positive, in seconds, at most 1e7")  # timedelta's range
 
 
 def one_of(*allowed: str) -> Rule:

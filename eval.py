@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, TIMEOUT_S, check_values, parse_config
+from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
@@ -93,7 +93,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
     check_values(
         cfg,
-        {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE, "collective_timeout_s": TIMEOUT_S},
+        {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE},
     )
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:

@@ -266,6 +266,10 @@ def processes(requested_device: str, collective_timeout_s: float = 600) -> Itera
     its watchdog aborts the process (exit -6, NCCL's own lines: PyTorch gives no hook for a message)."""
     import torch.distributed as dist
 
+    if not 0 < collective_timeout_s <= 1e7:  # beyond it, timedelta overflows
+        raise ConfigError(
+            f"collective_timeout_s must be positive, in seconds, at most 1e7; got {collective_timeout_s}"
+        )
     distributed = "RANK" in os.environ
     device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
     if distributed:

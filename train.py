@@ -47,7 +47,6 @@ from configurator import (
     BELOW_ONE,
     NOT_NEGATIVE,
     POSITIVE,
-    TIMEOUT_S,
     check_values,
     one_of,
     parse_config,
@@ -179,9 +178,9 @@ def train(cfg: TrainConfig) -> int:
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with processes(cfg.device, cfg.collective_timeout_s) as device:
+            check_config(cfg, world()[1])
             timeout = timedelta(seconds=cfg.collective_timeout_s)
             stop_group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
-            check_config(cfg, world()[1])
             run = setup(cfg, device, stop_group)
             code = evaluate_only(run) if cfg.eval_only else train_loop(run)
             if dist.is_initialized():
@@ -704,7 +703,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip")
     rules = dict.fromkeys(at_least_1, AT_LEAST_1) | dict.fromkeys(not_negative, NOT_NEGATIVE)
     rules |= dict.fromkeys(("beta1", "beta2", "dropout", "muon_momentum"), BELOW_ONE)
-    rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE) | {"collective_timeout_s": TIMEOUT_S}
+    rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE)
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
