@@ -582,7 +582,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only: our training speed with each model option on against all off",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # What would fail only at the end of minutes of measuring fails now.
+    if args.out_dir:
+        find_checkpoint(args.out_dir)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    return args
 
 
 def bench(argv: list[str] | None) -> None:
@@ -592,11 +598,6 @@ def bench(argv: list[str] | None) -> None:
     transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    # What would fail only at the end of minutes of measuring fails now.
-    if args.out_dir:
-        find_checkpoint(args.out_dir)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
     dtype_name = str(dtype).removeprefix("torch.")
     preset = PRESETS[args.preset]
     torch.manual_seed(0)
