@@ -179,7 +179,7 @@ def dcp_failure(e: BaseException, what: str) -> Exception:
     causes = [failure[0] for failure in getattr(e, "failures", {}).values()] or [e]
     os_error = next((c for c in map(os_error_behind, causes) if c is not None), None)
     if os_error is not None:
-        return OSError(os_error.errno, f"{what}: {os_error.strerror}", os_error.filename)
+        return OSError(os_error.errno, f"{what}: {os_error.strerror or os_error}", os_error.filename)
     reason = " ".join(f"{type(causes[0]).__name__}: {causes[0]}".split())[:200]
     return CheckpointError(f"{what}: it is truncated or damaged ({reason}); use an earlier checkpoint")
 

@@ -49,8 +49,8 @@ def load_meta(data_dir: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
         counts = {split: int(meta[f"{split}_tokens"]) for split in SPLITS}
-        if int(meta["vocab_size"]) < 1:
-            raise ValueError("vocab_size must be at least 1")
+        if not 1 <= int(meta["vocab_size"]) <= np.iinfo(meta["dtype"]).max + 1:
+            raise ValueError(f"vocab_size must be between 1 and what {meta['dtype']} token ids hold")
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         what = f"has no {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
         raise UserError(f"{path} {what}: {redo}") from None

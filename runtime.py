@@ -66,7 +66,7 @@ def os_error_behind(e: BaseException) -> OSError | None:
     own RuntimeError while handling the OSError, which then survives only as the error's context."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno:
+        if isinstance(e, OSError):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
@@ -246,7 +246,7 @@ def atomic_write_by_name(path: PathLike, write: Callable[[Path], None]) -> None:
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
         os_error = os_error_behind(e)
-        if os_error is not None:  # name the file the user knows, not the temporary one
+        if os_error is not None and os_error.errno:  # name the file the user knows, not the temporary one
             raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)

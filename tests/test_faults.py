@@ -226,6 +226,13 @@ CASES += [
         1,
         "val.bin holds token id 999",
     ),
+    Case(
+        "train: meta.json vocab_size beyond its dtype",
+        "train",
+        lambda e: e.train(data_with(lambda d: set_meta(d, vocab_size=2**64))(e)),
+        1,
+        "vocab_size must be between 1 and what uint16 token ids hold",
+    ),
     # sizes checked before allocating
     Case(
         "train: a model larger than memory",
