@@ -272,11 +272,13 @@ def fuzz(sample_size: int | None, seed: int, timeout: int) -> Counter:
     with tempfile.TemporaryDirectory() as tmp:
         shared = Path(tmp)
         prepare(shared)
-        for case in cases:
+        for i, case in enumerate(cases, 1):
             outcome, last = run_case(case, shared, timeout)
             counts[outcome] += 1
             if outcome not in ("ok", "error"):
                 print(f"{outcome}: {case.name}: {last[:200]}", flush=True)
+            if i % 50 == 0:  # a run cut short still says how far it got
+                print(f"after {i} of {len(cases)}: {dict(sorted(counts.items()))}", flush=True)
     return counts
 
 
