@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
+from configurator import AT_LEAST_1_OR_NONE, check_values, parse_config
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
@@ -72,6 +72,10 @@ class EvalConfig:
 # --- the command line ----------------------------------------------------------------------------
 
 
+# More sequences than this in one forward pass fail in torch's allocator, not here, with its own error.
+BATCH_SIZE = (lambda v: 1 <= v <= 2**20, "must be between 1 and 2**20")
+
+
 def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
     """The val split bpb is computed on, from a data set prepared with the checkpoint's tokenizer."""
     trained_on = checkpoint.get("config") or {}
@@ -93,7 +97,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
     check_values(
         cfg,
-        {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE},
+        {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE},
     )
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:

@@ -403,7 +403,7 @@ CASES += [
         "eval",
         lambda e: [f"--out_dir={e.run}", "--batch_size=0"],
         2,
-        "batch_size must be at least 1",
+        "batch_size must be between 1 and 2**20",
     ),
     # race.py
     Case(
