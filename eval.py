@@ -99,6 +99,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
         cfg,
         {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE},
     )
+    if cfg.json is not None and (Path(cfg.json).is_dir() or not Path(cfg.json).resolve().parent.is_dir()):
+        raise ConfigError(f"json={cfg.json!r} must name a file in an existing folder")
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:
         raise ConfigError("tasks is empty: name at least one of bpb, hellaswag or a task file")

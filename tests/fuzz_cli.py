@@ -49,7 +49,9 @@ BAD_INTS = ["-1", "0", "abc", "", "1.5", "nan", "99999999999999999999", "None", 
 BAD_FLOATS = ["-1.0", "nan", "inf", "-inf", "abc", "", "1e309", "1e-320", "None", "{}"]
 BAD_STRINGS = ["", "/", "..", "/dev/null", "x" * 300, "None", "a b", "-", "\t"]
 BAD_BOOLS = ["maybe", "2", "", "None", "yes please"]
+# Valid values of these keys may ask for hours of work (max_new_tokens=1e20): not bad values.
 KEYS_THAT_TRAIN_LONG = {"max_iters", "lr_decay_iters", "eval_iters", "eval_interval", "n_layer", "n_embd"}
+KEYS_THAT_TRAIN_LONG |= {"max_new_tokens"}
 
 
 @dataclass

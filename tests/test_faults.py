@@ -405,6 +405,13 @@ CASES += [
         2,
         "batch_size must be between 1 and 2**20",
     ),
+    Case(
+        "eval: --json names a folder",
+        "eval",
+        lambda e: [f"--out_dir={e.run}", "--json=/"],
+        2,
+        "must name a file in an existing folder",
+    ),
     # race.py
     Case(
         "race: an unclosed quote",
