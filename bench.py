@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from checkpoint import load_checkpoint, load_model_and_tokenizer, model_from_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint
 from configurator import read_config_file
 from generate import (
     COMPILE_MIN_TOKENS,
@@ -43,7 +43,7 @@ from generate import (
 )
 from model import GPT, GPTConfig
 from optim import make_optimizers
-from runtime import DTYPE_NAMES, autocast, exit_on_error, pick_device, pick_dtype
+from runtime import DTYPE_NAMES, UserError, atomic_write, autocast, exit_on_error, pick_device, pick_dtype
 from speculative import Draft, PromptLookup, Stats, speculative_tokens
 from tasks import continuation_logprobs
 
@@ -653,7 +653,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("MODEL_DIR", "DRAFT_DIR"),
         help="only: MODEL_DIR's checkpoint decoding plainly, with DRAFT_DIR's as its draft, by prompt lookup",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # What would fail only at the end of minutes of measuring fails now.
+    if args.out_dir:
+        find_checkpoint(args.out_dir)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    return args
 
 
 def bench_everything(model: GPT, preset: Preset, out_dir: str | None, device: torch.device, dtype) -> dict:
@@ -713,7 +719,8 @@ def bench(argv: list[str] | None) -> None:
         results.update(bench_everything(model, preset, args.out_dir, device, dtype))
         print_table(results, preset)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        text = json.dumps(results, indent=2) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

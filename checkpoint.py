@@ -23,6 +23,7 @@ from typing import BinaryIO
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model import GPT, GPTConfig
-from runtime import PathLike, UserError, atomic_write, fsync_dir, world
+from runtime import PathLike, UserError, atomic_write, fsync_dir, os_error_behind, world
 from tokenizer import Tokenizer, get_tokenizer, has_hf_tokenizer
 
 CKPT_NAME = "ckpt.pt"
@@ -55,11 +56,14 @@ def save_sharded_checkpoint(state: dict, meta: dict, out_dir: Path, iter_num: in
     tag = [f"ckpt-{iter_num:08d}-{secrets.token_hex(3)}"]  # a new folder for every save, never rewritten
     dist.broadcast_object_list(tag, src=0)
     folder = out_dir / tag[0]
-    dcp.save(state, checkpoint_id=folder)  # returns once every process's shards are written and synced
+    try:
+        dcp.save(state, checkpoint_id=folder)  # returns once every process's shards are written and synced
+    except CheckpointException as e:  # a BaseException: name the first failure, a full disk most often
+        raise dcp_failure(e, f"cannot write sharded checkpoint {folder}") from None
     if dist.get_rank() == 0:
         atomic_write(folder / SHARDED_META, lambda f: torch.save(meta, f))
         atomic_write(out_dir / LATEST_SHARDED, lambda f: f.write(folder.name.encode()))
-        prune_checkpoints(out_dir)
+        prune_checkpoints(out_dir, keep=folder)
     dist.barrier()  # no process moves on while the previous checkpoint is being replaced
 
 
@@ -79,7 +83,7 @@ def save_training_state(
         save_checkpoint(
             {**meta, "model": model.state_dict(), "optimizer": optimizer_state}, out_dir / CKPT_NAME
         )
-        prune_checkpoints(out_dir)
+        prune_checkpoints(out_dir, keep=out_dir / CKPT_NAME)
 
 
 def load_optimizer_state(
@@ -101,6 +105,23 @@ def load_optimizer_state(
             group["lr_scale"] = scale
 
 
+def sharded_folder_named(out_dir: Path) -> Path:
+    """The folder out_dir/ckpt.latest names, checked: a complete sharded checkpoint folder directly
+    inside out_dir. A damaged or dangling pointer is reported, never followed (nor pruned by)."""
+    pointer = out_dir / LATEST_SHARDED
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {pointer} ({e}): restore it, or remove it to use ckpt.pt") from e
+    folder = out_dir / name
+    if not name.startswith("ckpt-") or Path(name).name != name or not (folder / SHARDED_META).is_file():
+        raise CheckpointError(
+            f"{pointer} names {name!r}, not a complete checkpoint folder in {out_dir}: it is damaged or its "
+            f"folder is gone; write the right ckpt-* folder's name into it, or remove it to use {CKPT_NAME}"
+        )
+    return folder
+
+
 def find_checkpoint(path: PathLike) -> Path:
     """The checkpoint path means: a checkpoint file or sharded folder itself, or in a run's out_dir the
     newer of ckpt.pt and the sharded folder ckpt.latest names."""
@@ -108,8 +129,8 @@ def find_checkpoint(path: PathLike) -> Path:
     if path.is_file() or (path / SHARDED_META).is_file():
         return path
     candidates = [path / CKPT_NAME] if (path / CKPT_NAME).is_file() else []
-    if (path / LATEST_SHARDED).is_file():
-        candidates.append(path / (path / LATEST_SHARDED).read_text().strip())
+    if (path / LATEST_SHARDED).exists():
+        candidates.append(sharded_folder_named(path))
     if not candidates:
         where = path if path.suffix == ".pt" else path / CKPT_NAME
         raise CheckpointError(
@@ -118,16 +139,12 @@ def find_checkpoint(path: PathLike) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns)  # a kill between save and prune leaves two
 
 
-def prune_checkpoints(out_dir: Path) -> None:
-    """Delete every checkpoint in out_dir but the current one: those a newer save replaced, and the
-    folders of sharded saves killed half-way. Rank 0, holding the run's lock."""
-    try:
-        current = find_checkpoint(out_dir)
-    except CheckpointError:
-        current = None
+def prune_checkpoints(out_dir: Path, keep: Path) -> None:
+    """Delete every checkpoint in out_dir but keep, which has been written or loaded: those it replaced,
+    and the folders of sharded saves killed half-way. Rank 0, holding the run's lock."""
     for path in [out_dir / CKPT_NAME, out_dir / LATEST_SHARDED, *out_dir.glob("ckpt-*")]:
-        is_pointer_to_current = path.name == LATEST_SHARDED and current is not None and current.is_dir()
-        if path == current or is_pointer_to_current or not path.exists():
+        is_pointer_to_keep = path.name == LATEST_SHARDED and keep.is_dir()
+        if path == keep or is_pointer_to_keep or not path.exists():
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     fsync_dir(out_dir)
@@ -154,8 +171,18 @@ def lock_out_dir(out_dir: Path) -> BinaryIO | None:
     lock.flush()
     for stale in out_dir.glob("*.tmp"):  # a run killed mid-save left it; with the lock, nobody writes it now
         stale.unlink()
-    prune_checkpoints(out_dir)  # and the folder of a sharded save it did not finish
-    return lock
+    return lock  # nothing else is removed here: only a checkpoint proven to load replaces the others
+
+
+def dcp_failure(e: BaseException, what: str) -> Exception:
+    """One error for a failed DCP save or load, whose CheckpointException wraps each process's failure:
+    the OSError behind it (a full disk, a missing shard), else the first failure's reason."""
+    causes = [failure[0] for failure in getattr(e, "failures", {}).values()] or [e]
+    os_error = next((c for c in map(os_error_behind, causes) if c is not None), None)
+    if os_error is not None:
+        return OSError(os_error.errno, f"{what}: {os_error.strerror or os_error}", os_error.filename)
+    reason = " ".join(f"{type(causes[0]).__name__}: {causes[0]}".split())[:200]
+    return CheckpointError(f"{what}: it is truncated or damaged ({reason}); use an earlier checkpoint")
 
 
 def load_sharded_checkpoint(folder: Path, device: str | torch.device) -> dict:
@@ -182,11 +209,8 @@ def load_checkpoint(path: PathLike, device: str | torch.device = "cpu", mmap: bo
     if path.is_dir():
         try:
             return load_sharded_checkpoint(path, device)
-        except Exception as e:  # DCP raises its own kinds for missing or damaged shards
-            reason = " ".join(str(e).split())[:200]
-            raise CheckpointError(
-                f"cannot read sharded checkpoint {path}: {type(e).__name__}: {reason}"
-            ) from e
+        except (Exception, CheckpointException) as e:  # DCP's own kind derives from BaseException
+            raise dcp_failure(e, f"cannot read sharded checkpoint {path}") from None
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # torch's message is advice about weights_only, wrong for a damaged file

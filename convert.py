@@ -19,6 +19,8 @@ between Meta's original checkpoints (interleaved pairs) and HF; it has no place 
 
 import argparse
 import json
+import os
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,11 +34,12 @@ from checkpoint import (
     clean_state_dict,
     find_checkpoint,
     load_checkpoint,
+    model_from_checkpoint,
     save_checkpoint,
     tokenizer_entry_in,
 )
 from model import LLAMA3_SCALING_KEYS, GPTConfig
-from runtime import DTYPE_NAMES, UserError, atomic_write, exit_on_error
+from runtime import DTYPE_NAMES, UserError, atomic_write, atomic_write_by_name, exit_on_error
 from tokenizer import copy_hf_tokenizer, get_tokenizer, has_hf_tokenizer
 
 TOKENIZER_KEY = (
@@ -209,15 +212,43 @@ def gpt_config_from_hf(hf: dict) -> GPTConfig:
         raise ConvertError(f"config.json describes a model ours cannot build: {e}") from e
 
 
-def check_config_numbers(hf: object) -> None:
-    """config.json is an object whose size fields are positive integers (a string or 0 would otherwise
-    surface later as a confusing error)."""
+def check_config_fields(hf: object) -> None:
+    """config.json is an object whose size fields are positive integers and whose other fields read
+    here have their JSON types (a string or 0 would otherwise surface later as a confusing error)."""
     if not isinstance(hf, dict):
         raise ConvertError("config.json must hold a JSON object of the model's settings")
     for key in SIZE_KEYS:
         value = hf.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConvertError(f"config.json: {key} must be a positive integer, got {value!r}")
+    for key, (kinds, what) in FIELD_TYPES.items():
+        value = hf.get(key)
+        items_ok = not isinstance(value, list) or all(isinstance(item, str) for item in value)
+        if value is not None and (type(value) not in kinds or not items_ok):
+            raise ConvertError(f"config.json: {key} must be {what}, got {value!r}")
+    eps = hf.get("rms_norm_eps")
+    if eps is not None and not eps > 0:
+        raise ConvertError(f"config.json: rms_norm_eps must be a positive number, got {eps!r}")
+
+
+NUMBER = (int, float)
+FIELD_TYPES = {  # the other fields gpt_config_from_hf reads: (JSON types, as said in an error)
+    "model_type": ((str,), "a string"),
+    "architectures": ((list,), "a list of strings"),
+    "layer_types": ((list,), "a list of strings"),
+    "rope_scaling": ((dict,), "an object"),
+    "rope_parameters": ((dict,), "an object"),
+    "rope_theta": (NUMBER, "a number"),
+    "partial_rotary_factor": (NUMBER, "a number"),
+    "rms_norm_eps": (NUMBER, "a positive number"),
+    "tie_word_embeddings": ((bool,), "true or false"),
+    "use_sliding_window": ((bool,), "true or false"),
+    "attention_bias": ((bool,), "true or false"),
+    "mlp_bias": ((bool,), "true or false"),
+    "hidden_act": ((str,), "a string"),
+    "sliding_window": ((int,), "an integer or null"),
+    "max_window_layers": ((int,), "an integer"),
+}
 
 
 def refuse_unsupported_fields(hf: dict, family: str) -> None:
@@ -367,7 +398,7 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise ConvertError(
             f"cannot read {hf_dir / 'config.json'} ({e}); HF_DIR must be a Hugging Face model directory"
         ) from e
-    check_config_numbers(hf)
+    check_config_fields(hf)
     return hf
 
 
@@ -430,11 +461,21 @@ def imported_tokenizer(hf: dict, hf_dir: Path, out_dir: Path, vocab_size: int) -
     return {"tokenizer": "hf", "path": str((out_dir / TOKENIZER_DIR).resolve()), "vocab_size": vocab_size}
 
 
-def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> None:
+def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, force: bool = False) -> None:
     """config.json, model.safetensors and the tokenizer of out_dir's checkpoint into hf_dir (dtype: as stored,
-    by default), as the family its options need."""
+    by default), as the family its options need. A non-empty hf_dir only with force: one export's
+    tokenizer files would otherwise sit beside another's."""
+    hf_dir = Path(hf_dir)
+    if hf_dir.exists() and not hf_dir.is_dir():
+        raise ConvertError(f"HF_DIR {hf_dir} is a file: choose a folder")
+    if hf_dir.is_dir() and any(hf_dir.iterdir()) and not force:
+        raise ConvertError(
+            f"HF_DIR {hf_dir} is not empty: choose a new folder, or pass --force to write into it "
+            "(files of the same names are replaced, others stay)"
+        )
     found = find_checkpoint(out_dir)
     checkpoint = load_checkpoint(found)  # ckpt.pt or a sharded checkpoint
+    model_from_checkpoint(checkpoint)  # refuses a foreign or damaged checkpoint before writing anything
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype
     config_json = hf_config(config, dtype)  # first: it refuses what no family represents
@@ -448,13 +489,8 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> 
                 f"the checkpoint's tokenizer entry is unusable ({type(e).__name__}: {e})"
             ) from e
         note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
-    hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf(state_dict, config, dtype)
-    # save_file writes by name: into the temporary file atomic_write opened, which it then fsyncs.
-    atomic_write(
-        hf_dir / "model.safetensors", lambda f: save_file(tensors, f.name, metadata={"format": "pt"})
-    )
+    write_safetensors(to_hf(state_dict, config, dtype), hf_dir / "model.safetensors")
     bos, eos = None, None  # explicit None without a tokenizer: LlamaConfig would say 1 and 2
     if tokenizer is not None:
         tokenizer.save_hf(hf_dir)
@@ -471,6 +507,19 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None) -> 
     )
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    def write(tmp_path: Path) -> None:
+        try:
+            save_file(tensors, tmp_path, metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors carry their errno only in the message
+            found = re.search(r"os error (\d+)", str(e))
+            if found is None:
+                raise
+            raise OSError(int(found[1]), os.strerror(int(found[1])), str(tmp_path)) from e
+
+    atomic_write_by_name(path, write)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -484,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument(
         "--dtype", choices=DTYPE_NAMES, help="tensor dtype on disk (default: the checkpoint's)"
     )
+    export.add_argument("--force", action="store_true", help="write into a non-empty HF_DIR")
     imp = commands.add_parser("import", help="a Hugging Face model directory -> our checkpoint")
     imp.add_argument(
         "hf_dir", type=Path, help="directory with config.json and model.safetensors (or shards + index)"
@@ -503,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         if args.command == "export":
-            export_hf(args.out_dir, args.hf_dir, getattr(torch, args.dtype) if args.dtype else None)
+            export_hf(
+                args.out_dir, args.hf_dir, getattr(torch, args.dtype) if args.dtype else None, args.force
+            )
         else:
             import_hf(args.hf_dir, args.out_dir, getattr(torch, args.dtype), args.force, args.block_size)
 

@@ -49,8 +49,8 @@ def load_meta(data_dir: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
         counts = {split: int(meta[f"{split}_tokens"]) for split in SPLITS}
-        if int(meta["vocab_size"]) < 1:
-            raise ValueError("vocab_size must be at least 1")
+        if not 1 <= int(meta["vocab_size"]) <= np.iinfo(meta["dtype"]).max + 1:
+            raise ValueError(f"vocab_size must be between 1 and what {meta['dtype']} token ids hold")
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         what = f"has no {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
         raise UserError(f"{path} {what}: {redo}") from None
@@ -77,6 +77,24 @@ def read_tokens(data_dir: Path, meta: dict, split: str) -> np.memmap:
     return np.memmap(token_file(data_dir, split), dtype=meta["dtype"], mode="r")
 
 
+def check_token_ids(tokens: np.ndarray, meta: dict, data_dir: Path, split: str) -> None:
+    """Every id below meta.json's vocab_size: a larger one would index past the embedding table."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= int(meta["vocab_size"]):
+        raise UserError(
+            f"{token_file(data_dir, split)} holds token id {largest}, but {META_NAME} says vocab_size "
+            f"{meta['vocab_size']}: the file is damaged or was prepared with another tokenizer; prepare "
+            "the data set again"
+        )
+
+
+def read_checked_tokens(data_dir: Path, meta: dict, split: str) -> np.memmap:
+    """A whole split, its ids checked (one pass over it: for the val split, not the train split)."""
+    tokens = read_tokens(data_dir, meta, split)
+    check_token_ids(tokens, meta, data_dir, split)
+    return tokens
+
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
 
@@ -94,6 +112,7 @@ def get_batch(
     # so on a corpus of many GB the process's memory would keep growing.
     data = read_tokens(data_dir, meta, split)
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
-    x = np.stack([data[s : s + block_size] for s in starts]).astype(np.int64)
-    y = np.stack([data[s + 1 : s + 1 + block_size] for s in starts]).astype(np.int64)
+    windows = np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    check_token_ids(windows, meta, data_dir, split)  # every batch's: train.bin may be too large to scan
+    x, y = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
     return to_device(x, device), to_device(y, device)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
-from dataset import load_meta, read_tokens, resolve_data_dir
+from configurator import AT_LEAST_1_OR_NONE, check_values, parse_config
+from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
     ConfigError,
@@ -66,9 +66,14 @@ class EvalConfig:
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     json: str | None = None  # also write the results to this file as a JSON object
+    collective_timeout_s: float = 600  # under torchrun: a wait this long for another process ends the run
 
 
 # --- the command line ----------------------------------------------------------------------------
+
+
+# More sequences than this in one forward pass fail in torch's allocator, not here, with its own error.
+BATCH_SIZE = (lambda v: 1 <= v <= 2**20, "must be between 1 and 2**20")
 
 
 def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
@@ -85,16 +90,21 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
             f"({meta.get('tokenizer')} vs {checkpoint['tokenizer'].get('tokenizer')}): bpb needs the val "
             "split in the model's own tokens; pass --data_dir of a data set prepared for this model"
         )
-    return data_dir, read_tokens(data_dir, meta, "val")
+    return data_dir, read_checked_tokens(data_dir, meta, "val")
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
-    check_values(cfg, {"batch_size": AT_LEAST_1, "max_examples": AT_LEAST_1_OR_NONE})
+    check_values(
+        cfg,
+        {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE},
+    )
+    if cfg.json is not None and (Path(cfg.json).is_dir() or not Path(cfg.json).resolve().parent.is_dir()):
+        raise ConfigError(f"json={cfg.json!r} must name a file in an existing folder")
     names = task_names(cfg.tasks, ("bpb", *BUILTIN_TASKS))
     if not names:
         raise ConfigError("tasks is empty: name at least one of bpb, hellaswag or a task file")
-    with processes(cfg.device) as device:
+    with processes(cfg.device, cfg.collective_timeout_s) as device:
         mix = autocast(device, pick_dtype(cfg.dtype, device))
         model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
         results = {}

@@ -29,6 +29,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
         drop_sorted = mass_before >= top_p  # those before it already reach top_p
+        drop_sorted[:, 0] = False  # the most likely token always stays, even if top_p rounds to 0 in float32
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -39,9 +40,11 @@ def probabilities(
 ) -> torch.Tensor | None:
     """The distribution (rows, vocab) sampling draws each row of logits (rows, vocab) from: the softmax of
     the filtered logits over temperature. None for temperature 0, greedy (argmax)."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a float32 zero: the limit is greedy
         return None
-    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    logits = logits.float()  # less the row's maximum: a tiny temperature then gives -inf, never inf - inf
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
+    return torch.softmax(logits, dim=-1)
 
 
 def sample_next_token(

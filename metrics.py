@@ -24,12 +24,21 @@ def read_records(path: Path) -> tuple[list[dict], int]:
     """(the records of a metrics.jsonl, how many non-empty lines were unreadable); none if the file does
     not exist. A line cut short by a crash, or by a run still writing, is such a line."""
     records, skipped = [], 0
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_bytes().splitlines() if path.is_file() else []:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            skipped += line.strip() != ""
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if is_record(record):
+            records.append(record)
+        else:  # also valid JSON that is not a record (42, [1], {} without "iter"): damage, not a record
+            skipped += line.strip() != b""
     return records, skipped
+
+
+def is_record(value: object) -> bool:
+    iteration = value.get("iter") if isinstance(value, dict) else None
+    return isinstance(iteration, int) and not isinstance(iteration, bool)
 
 
 class MetricsLog:

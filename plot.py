@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from metrics import metrics_path, read_records
+from runtime import ConfigError, UserError, exit_on_error
 
 Point = tuple[int, float | None, float]  # (iteration, seconds since the run started, value)
 
@@ -38,26 +39,29 @@ SINGLE_RUN_STYLES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training runs' out_dirs")
     parser.add_argument("--x", choices=["iter", "time"], default="iter", help="iterations or wall time")
     parser.add_argument("--out", default=None, help="the PNG to write (default: FIRST_OUT_DIR/loss.png)")
-    args = parser.parse_args(argv)
-    runs = {}
+    return parser.parse_args(argv)
+
+
+def plot(argv: list[str] | None) -> None:
+    args, runs = parse_args(argv), {}
     for out_dir in args.out_dirs:
         path = metrics_path(out_dir)
         if not path.is_file():
-            sys.exit(f"error: no {path}; train first (python train.py ... --out_dir={out_dir})")
+            raise UserError(f"no {path}; train first (python train.py ... --out_dir={out_dir})")
         runs[out_dir] = read_series(path)
         if not {"loss", "train_loss", "val_loss"} & runs[out_dir].keys():
-            sys.exit(f"error: {path} holds no loss values yet")
+            raise UserError(f"{path} holds no loss values yet")
     try:
         import matplotlib
     except ImportError:
-        sys.exit("error: plot.py needs matplotlib, an optional dependency: pip install matplotlib")
+        raise UserError("plot.py needs matplotlib, an optional dependency: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         return [p[0] if args.x == "iter" else p[1] for p in kept], [p[2] for p in kept]
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    out = Path(args.out) if args.out else Path(args.out_dirs[0]) / "loss.png"
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"--out={out}: name an image file ending in one of .{', .'.join(sorted(formats))}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out={out}: folder {out.parent} does not exist; create it or choose another")
     if len(runs) == 1:
         (series,) = runs.values()
         for key, label, style in SINGLE_RUN_STYLES:
@@ -84,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     ax.set(xlabel=xlabel, ylabel="cross-entropy loss (nats per token)", title=", ".join(runs))
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(args.out) if args.out else Path(args.out_dirs[0]) / "loss.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    exit_on_error(lambda: plot(argv))
 
 
 if __name__ == "__main__":

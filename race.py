@@ -54,6 +54,16 @@ def race(argv: list[str] | None) -> None:
     names = args.names or [f"r{i}" for i in range(len(args.recipes))]
     if len(names) != len(args.recipes):
         raise ConfigError(f"{len(names)} names for {len(args.recipes)} recipes: give one name per recipe")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--names {' '.join(names)}: each recipe needs a name of its own")
+    if bad := [name for name in names if not name or Path(name).name != name or name in (".", "..")]:
+        raise ConfigError(f"--names: {bad[0]!r} is not a plain folder name (no '/'): it names OUT/<name>-<i>")
+    recipes = []
+    for recipe in args.recipes:
+        try:
+            recipes.append(shlex.split(recipe))
+        except ValueError as e:  # an unclosed quote
+            raise ConfigError(f"recipe {recipe!r}: {e}; quote it as on a shell's command line") from None
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     out = Path(args.out)
@@ -62,8 +72,8 @@ def race(argv: list[str] | None) -> None:
 
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(args.repeats):
-        for name, recipe in zip(names, args.recipes):
-            wall, loss = run_recipe(shlex.split(recipe), out / f"{name}-{i}")
+        for name, recipe in zip(names, recipes):
+            wall, loss = run_recipe(recipe, out / f"{name}-{i}")
             results[name].append((wall, loss))
             print(f"{name}-{i}: {wall:6.1f} s, whole-val loss {loss:.4f}", flush=True)
     print(f"\n{'recipe':<10} {'median s':>9} {'median val':>11}  runs (s / loss)")

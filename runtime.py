@@ -5,7 +5,8 @@ Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a mis
 data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
 a wrong type, a value out of range, a model shape that does not divide, a device this machine lacks);
 130 / 143 stopped by Ctrl-C / SIGTERM. Failures of the environment (disk full, no permission) are
-bad input too: one line, exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message.
+bad input too: one line, exit code 1. Anything else is a bug: one line that says so ("internal error"),
+exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message, with the same exit code.
 
 torch is imported inside the functions that need it: the data preparation scripts use this module
 too, and they start in a fifth of a second without torch, in over a second with it.
@@ -17,9 +18,15 @@ import errno
 import os
 import re
 import secrets
+import signal
+import socket
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -51,7 +58,20 @@ OS_ERROR_HINTS = {
     errno.EROFS: "the file system is read-only: write somewhere else",
     errno.EEXIST: "a file stands where a folder is needed: choose another path",
     errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+    errno.EFBIG: "the file outgrew the size this process may write (ulimit -f) or the file system allows",
 }
+
+
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError that caused e, if any. torch's and safetensors' writers turn a full disk into their
+    own RuntimeError while handling the OSError, which then survives only as the error's context."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def describe_os_error(e: OSError) -> str:
@@ -63,22 +83,34 @@ def describe_os_error(e: OSError) -> str:
     return f"{text}; {hint}" if hint else text
 
 
+def debug_mode() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def exit_on_error(run: Callable[[], int | None]) -> NoReturn:
     """Run a CLI's work and exit with its code. A UserError or an OSError becomes one line on stderr
-    and its exit code; Ctrl-C exits 130."""
+    and its exit code; Ctrl-C exits 130. Any other exception is a bug, reported as one: the last
+    resort, which no known bad input may reach."""
     try:
         code = run() or 0
-    except (UserError, OSError) as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        code = e.exit_code if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit-time flush fails again
         code = 1
+    except Exception as e:
+        os_error = os_error_behind(e)
+        if isinstance(e, UserError):
+            message, code = str(e), e.exit_code
+        elif os_error is not None:
+            message, code = describe_os_error(os_error), 1
+        else:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            message = f"internal error: {reason}; {DEBUG_ENV}=1 shows the traceback; please report it"
+            code = 1
+        if debug_mode():
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -97,6 +129,8 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
         device = torch.device(requested)
     except RuntimeError:
         raise ConfigError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # torch knows xpu, meta, ...; these programs do not
+        raise ConfigError(f"device={requested!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, True):
         raise ConfigError(f"device={requested!r} is not available on this machine; use --device=auto or cpu")
@@ -238,18 +272,33 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write path through write(file): into a uniquely named temporary file beside it, fsync, then
     rename over path. A crash at any moment leaves the old file or the new one, never a torn one; a
     failed write removes its temporary file."""
+
+    def write_new(tmp_path: Path) -> None:
+        with open(tmp_path, "xb") as f:
+            write(f)
+
+    atomic_write_by_name(path, write_new)
+
+
+def atomic_write_by_name(path: PathLike, write: Callable[[Path], None]) -> None:
+    """atomic_write for writers that take a file name (safetensors' save_file): write(name) creates
+    the temporary file, and what it wrote (whatever inode and mode it gave the file) is fsynced and
+    given a new file's usual mode before the rename."""
     path = Path(path)
     tmp_path = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp_path, "xb") as f:
-            write(f)
-            f.flush()
+        write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # save_file creates its files 0600
+        with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno:  # name the file the user knows, not the temporary one
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        os_error = os_error_behind(e)
+        if os_error is not None and os_error.errno:  # name the file the user knows, not the temporary one
+            raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 
@@ -257,25 +306,82 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 # --- processes ------------------------------------------------------------------------------------
 
 
+SIGTERM_GRACE_S = 25  # torchrun kills its workers 30 s after passing them its own SIGTERM
+
+
 @contextmanager
-def processes(requested_device: str, group_of_one: bool = False) -> Iterator[torch.device]:
+def processes(
+    requested_device: str, collective_timeout_s: float = 600, group_of_one: bool = False
+) -> Iterator[torch.device]:
     """This process's device. Under torchrun (RANK is set) each process takes its local rank's GPU and
     joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out. group_of_one:
-    a process not started by torchrun joins a group of its own (FSDP shards over a group)."""
+    a process not started by torchrun joins a group of its own (FSDP shards over a group). A collective
+    that waits over collective_timeout_s for another process ends the run: one line on gloo; on NCCL
+    its watchdog aborts the process (exit -6, NCCL's own lines: PyTorch gives no hook for a message)."""
     import torch.distributed as dist
 
-    torchrun = "RANK" in os.environ
-    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if torchrun else None)
+    if not 0 < collective_timeout_s <= 1e7:  # beyond it, timedelta overflows
+        raise ConfigError(
+            f"collective_timeout_s must be positive, in seconds, at most 1e7; got {collective_timeout_s}"
+        )
+    distributed = "RANK" in os.environ  # started by torchrun
+    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
     backend = "nccl" if device.type == "cuda" else "gloo"  # NCCL: GPU only, checked by tests/gpu_check.py
-    if torchrun:
-        dist.init_process_group(backend)
+    timeout = timedelta(seconds=collective_timeout_s)
+    if distributed:
+        dist.init_process_group(backend, timeout=timeout)
     elif group_of_one:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     try:
-        yield device
+        with exit_when_stuck_after_sigterm() if distributed else nullcontext():
+            yield device
+    except RuntimeError as e:
+        if not distributed or "Timed out" not in str(e) and "Connection closed by peer" not in str(e):
+            raise
+        rank, world_size = world()
+        others = (
+            "rank 1" if world_size == 2 and rank == 0 else "rank 0" if world_size == 2 else "another rank"
+        )
+        raise UserError(
+            f"rank {rank}: a collective waited over collective_timeout_s={collective_timeout_s:g} s for "
+            f"{others}, or lost it: that process is stopped (kill -STOP: send it SIGCONT), stuck or died; "
+            "see its output, then resume"
+        ) from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def exit_when_stuck_after_sigterm() -> Iterator[None]:
+    """A process blocked in a collective never returns to Python, so its SIGTERM handler cannot run.
+    Python's C-level handler still writes the signal's number to the wakeup fd; a thread reading it
+    exits the process with 143 if it is still alive SIGTERM_GRACE_S later (a healthy one has saved
+    and stopped by then). Main thread only, as signal.set_wakeup_fd."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while (received := reader.recv(1)) and received[0] != signal.SIGTERM:
+            pass
+        if received:
+            time.sleep(SIGTERM_GRACE_S)
+            print(
+                f"error: rank {world()[0]} did not stop within {SIGTERM_GRACE_S} s of SIGTERM (blocked in a "
+                "collective by another process): exiting unsaved; the last checkpoint is intact",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(143)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        writer.close()  # the reader sees the end and the thread ends
+        reader.shutdown(socket.SHUT_RDWR)
 
 
 def world() -> tuple[int, int]:

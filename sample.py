@@ -198,6 +198,7 @@ def sample(cfg: SampleConfig) -> None:
             "temperature": (lambda v: v >= 0, "must be 0 (greedy) or more"),
             "top_k": AT_LEAST_1_OR_NONE,
             "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1] or None"),
+            "seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
             "prompt_lookup": NOT_NEGATIVE,
         },
     )

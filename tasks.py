@@ -107,8 +107,8 @@ def example_from_json(record: object) -> Example:
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     context, choices, label = record["context"], record["choices"], record["label"]
-    if not isinstance(context, str) or not context:
-        raise ValueError("context must be a non-empty string")
+    if not isinstance(context, str) or not context.strip():  # a blank one has no tokens once stripped
+        raise ValueError("context must be a string with some text in it (not only whitespace)")
     if (
         not isinstance(choices, list)
         or len(choices) < 2

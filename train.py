@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,10 +43,19 @@ from checkpoint import (
     load_optimizer_state,
     lock_out_dir,
     model_from_checkpoint,
+    prune_checkpoints,
     save_training_state,
 )
-from configurator import AT_LEAST_1, BELOW_ONE, NOT_NEGATIVE, POSITIVE, check_values, one_of, parse_config
-from dataset import check_data_fits, get_batch, load_meta, read_tokens, resolve_data_dir
+from configurator import (
+    AT_LEAST_1,
+    BELOW_ONE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    check_values,
+    one_of,
+    parse_config,
+)
+from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
 from model import GPT, GPTConfig
@@ -57,6 +67,7 @@ from runtime import (
     autocast,
     datasheet_peak_flops,
     exit_on_error,
+    free_memory_bytes,
     max_memory_allocated_bytes,
     pick_dtype,
     print0,
@@ -131,6 +142,11 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 if unsupported), else float32; or one of those
     compile: bool | None = None  # torch.compile the model; None = only on CUDA
     seed: int = 1337
+    # A process that waits this long in a collective for another one ends the run (one stopped, stuck
+    # or dead). Healthy waits stay far below it: rank 0 saving ckpt.pt while the others wait in their
+    # next all-reduce (measured: 0.32 GiB/s fsynced on this CI machine's disk, so 600 s is a ~190 GiB
+    # checkpoint), or one rank compiling longer than another (seconds to a minute or two cold).
+    collective_timeout_s: float = 600
 
 
 # TrainConfig keys that are also GPTConfig fields: the model's shape and options.
@@ -171,9 +187,10 @@ def train(cfg: TrainConfig) -> int:
     _stop_signal = 0
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with processes(cfg.device, group_of_one=cfg.parallelism == "fsdp") as device:
-            stop_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        with processes(cfg.device, cfg.collective_timeout_s, cfg.parallelism == "fsdp") as device:
             check_config(cfg)
+            timeout = timedelta(seconds=cfg.collective_timeout_s)
+            stop_group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
             run = setup(fit_to_processes(cfg, world()[1]), device, stop_group)
             code = evaluate_only(run) if cfg.eval_only else train_loop(run)
             if dist.is_initialized():
@@ -404,7 +421,7 @@ def evaluate_full(run: Run) -> float | None:
     t0, cfg = time.time(), run.cfg
     loss = full_val_loss(
         run.model,
-        read_tokens(run.data_dir, run.meta, "val"),
+        read_checked_tokens(run.data_dir, run.meta, "val"),
         cfg.block_size,
         cfg.batch_size,
         run.device,
@@ -439,8 +456,9 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in float32
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    raw_model, checkpoint, cfg = init_model(cfg, meta)
-    check_data_fits(data_dir, meta, cfg.block_size)
+    check_data_fits(data_dir, meta, cfg.block_size)  # before building a model of that length
+    raw_model, checkpoint, cfg = init_model(cfg, meta, device)
+    check_data_fits(data_dir, meta, cfg.block_size)  # a loaded model brings its own
     model, train_model = parallelize(raw_model, cfg, device, dtype)
     optimizers = new_optimizers(raw_model, cfg, device)  # after sharding: they update its shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -450,6 +468,8 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         restore_training_state(cfg, checkpoint, raw_model, optimizers, scaler) if resumed else math.inf
     )
     del checkpoint  # the weights now live in the model and optimizer
+    if resumed and lock is not None:  # what it replaced goes only now that it has loaded
+        prune_checkpoints(Path(cfg.out_dir), keep=find_checkpoint(cfg.out_dir))
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
     keep = records_to_keep(cfg, resumed, iter_num)
     run = Run(
@@ -517,7 +537,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
         raise ConfigError(f"bad model shape: {e}") from None
 
 
-def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainConfig]:
+def init_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[GPT, dict | None, TrainConfig]:
     """The model init_from asks for, the checkpoint it came from (None from scratch), and cfg with its
     shape keys set to the model's. Resuming needs the run's own shape keys; any other load takes the
     checkpoint's shape (printing what it overrides), as a pretrained model's shape is not a choice.
@@ -525,6 +545,8 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
     checkpoint."""
     wanted = model_config(cfg, padded_vocab_size(meta["vocab_size"]))
     if cfg.init_from == "scratch":
+        check_model_fits(wanted, cfg, device)
+        warn_of_replaced_checkpoint(cfg)
         return GPT(wanted, cfg.zero_init_out_proj), None, cfg
     path = Path(cfg.out_dir) if cfg.init_from == "resume" else Path(cfg.init_from)
     if cfg.init_from != "resume" and not path.exists():
@@ -552,6 +574,47 @@ def init_model(cfg: TrainConfig, meta: dict) -> tuple[GPT, dict | None, TrainCon
             f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
         )
     return model, checkpoint, replace(cfg, **changed)
+
+
+def check_model_fits(config: GPTConfig, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, with the figures, a model whose parameters, gradients, optimizer state and RoPE tables
+    alone exceed the device's free memory (activations come on top), before allocating any of it."""
+    free = free_memory_bytes(device)
+
+    def sizes(n_layer: int) -> tuple[int, int]:  # (parameters, bytes of buffers) of n_layer blocks
+        with torch.device("meta"):  # shapes only: no memory
+            model = GPT(replace(config, n_layer=n_layer))
+        return sum(p.numel() for p in model.parameters()), sum(b.nbytes for b in model.buffers())
+
+    # Two small models' sizes, extrapolated by layer: building all n_layer blocks, even on the meta
+    # device, takes minutes for 100,000 layers.
+    (params_1, tables_1), (params_2, tables_2) = sizes(1), sizes(2)
+    weights = (params_1 + (config.n_layer - 1) * (params_2 - params_1)) * 4  # float32 master weights
+    tables = tables_1 + (config.n_layer - 1) * (tables_2 - tables_1)
+    moments = 2 if cfg.optimizer == "adamw" else 1  # Muon keeps one for its matrices: a lower bound
+    shards = world()[1] if cfg.parallelism == "fsdp" else 1
+    need = (2 + moments) * weights / shards + tables
+    if free is not None and need > free:
+        gib = {
+            "parameters and gradients": 2 * weights / shards,
+            "optimizer state": moments * weights / shards,
+        }
+        parts = ", ".join(f"{k} {v / 2**30:,.1f} GiB" for k, v in {**gib, "RoPE tables": tables}.items())
+        raise ConfigError(
+            f"the model needs at least {need / 2**30:,.1f} GiB on {device} ({parts}) but "
+            f"{free / 2**30:,.1f} GiB is free: lower n_layer, n_embd or block_size"
+        )
+
+
+def warn_of_replaced_checkpoint(cfg: TrainConfig) -> None:
+    """A new run into an out_dir holding another run's checkpoint replaces it at its first save."""
+    out_dir = Path(cfg.out_dir)
+    found = [p.name for p in [out_dir / CKPT_NAME, *sorted(out_dir.glob("ckpt-*"))] if p.exists()]
+    if found and not cfg.eval_only:
+        print0(
+            f"warning: {out_dir} holds the checkpoint of an earlier run ({', '.join(found)}); this run's "
+            "first save replaces it. Stop now and choose another out_dir to keep it"
+        )
 
 
 def parallelize(
@@ -708,10 +771,11 @@ def check_config(cfg: TrainConfig) -> None:
     rules |= dict.fromkeys(("learning_rate", "muon_lr"), POSITIVE)
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
-    rules |= {"parallelism": one_of("ddp", "fsdp")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
     check_values(cfg, rules)
     task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
+    if cfg.parallelism not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
     # nanoGPT's init_from=gpt2, gpt2-medium, ...: a clear no, with what to use instead
     if cfg.init_from.startswith("gpt2") and not Path(cfg.init_from).exists():
         raise ConfigError(

@@ -52,6 +52,22 @@ def char_data(shakespeare_input, tmp_path_factory) -> Path:
     return out
 
 
+# A training run of a few seconds: a tiny model, two iterations, a checkpoint at each.
+TINY = ("--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1")
+TINY += ("--max_iters=2", "--eval_interval=1", "--log_interval=1", "--eval_full=False", "--dtype=float32")
+
+
+@pytest.fixture(scope="session")
+def finished_run(char_data, tmp_path_factory) -> Path:
+    """The out_dir of a finished tiny run (TINY): a good ckpt.pt at iteration 2. Read-only: copy to damage."""
+    import train
+
+    out = tmp_path_factory.mktemp("run")
+    with pytest.raises(SystemExit, match="0"):
+        train.main([f"--out_dir={out}", f"--data_dir={char_data}", *TINY, "--always_save_checkpoint=True"])
+    return out
+
+
 # Two processes under torchrun on this machine (gloo on CPU): prefix a script and its arguments.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

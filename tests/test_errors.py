@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY
 
 import convert
 import dataset
@@ -30,9 +30,6 @@ import sample
 import train
 from checkpoint import CKPT_NAME, save_checkpoint
 from model import GPT, GPTConfig
-
-TINY = ("--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1")
-TINY += ("--max_iters=2", "--eval_interval=1", "--log_interval=1", "--eval_full=False", "--dtype=float32")
 
 
 @dataclass
@@ -493,14 +490,6 @@ CASES = [
         "unrecognized arguments",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def finished_run(char_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    with pytest.raises(SystemExit, match="0"):
-        train.main([f"--out_dir={out}", f"--data_dir={char_data}", *TINY, "--always_save_checkpoint=True"])
-    return out
 
 
 def run_case(case: Case, env: Env, monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str]:
