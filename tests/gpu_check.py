@@ -269,20 +269,25 @@ def tokens_per_s(stderr: str) -> float | None:
 
 
 def check_sampling(c: Checker) -> None:
-    """sample.py on the bf16 checkpoint, compiled against eager; bench.py against transformers."""
+    """sample.py on the bf16 checkpoint, compiled (plainly, and verifying prompt-lookup proposals, a
+    second CUDA graph) against eager; bench.py against transformers."""
     s, out = c.sizes, c.work / "bfloat16"
     texts, speeds, seconds = {}, {}, 0.0
-    for compile in (s.compile, False):
+    runs = {"compiled": [f"--compile={s.compile}"], "eager": ["--compile=False"]}
+    runs["prompt lookup"] = [f"--compile={s.compile}", "--prompt_lookup=3"]
+    for name, extra in runs.items():
         args = [sys.executable, "sample.py", f"--out_dir={out}", f"--device={c.args.device}"]
-        args += ["--temperature=0", f"--max_new_tokens={s.sample_tokens}", f"--compile={compile}"]
+        args += ["--temperature=0", f"--max_new_tokens={s.sample_tokens}", *extra]
         ran = run_cli(args, s.timeout_s)
         if ran.returncode:
             return c.failed("sample.py compiled vs eager", ran)
-        texts[compile], speeds[compile], seconds = ran.stdout, tokens_per_s(ran.stderr), seconds + ran.seconds
-    same = texts[s.compile] == texts[False]
+        texts[name], speeds[name], seconds = ran.stdout, tokens_per_s(ran.stderr), seconds + ran.seconds
+    same = texts["compiled"] == texts["eager"] == texts["prompt lookup"]
     c.add(Check(
-        f"sample.py compile={s.compile} vs eager: same text", f"{'same' if same else 'DIFFERENT'}; tokens/s "
-        f"{speeds[s.compile]:,.0f} vs {speeds[False]:,.0f}", same, seconds, {"tokens_per_s": speeds},
+        f"sample.py compile={s.compile}, and with prompt lookup, vs eager: same text",
+        f"{'same' if same else 'DIFFERENT'}; tokens/s {speeds['compiled']:,.0f}, prompt lookup "
+        f"{speeds['prompt lookup']:,.0f}, eager {speeds['eager']:,.0f}",
+        same, seconds, {"tokens_per_s": speeds},
     ))  # fmt: skip
 
     json_path = c.work / "bench.json"
