@@ -83,3 +83,14 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)
     return model
+
+
+def context_sensitive_model(config: GPTConfig, seed: int) -> GPT:
+    """A random model whose greedy tokens depend on the context: at GPT-2's initial scale, one repeats
+    two or three tokens whatever came before, and a test of which context it saw would prove nothing."""
+    model = random_model(config, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import context_sensitive_model, random_model
 
 from bench import generate_without_cache
 from generate import filter_logits, generate, kv_cache_length, sample_next_token
@@ -73,17 +73,6 @@ def to_llama(model: GPT) -> "transformers.LlamaForCausalLM":
             ]:
                 dst.weight.copy_(src)
     return hf
-
-
-def context_sensitive_model(config: GPTConfig, seed: int) -> GPT:
-    """A random model whose greedy tokens depend on the context: at GPT-2's initial scale, one repeats
-    two or three tokens whatever came before, and a test of which context it saw would prove nothing."""
-    model = random_model(config, seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
 
 
 def all_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ requests are refused in one line. Tiny models; the trained pair learns character
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model
+from conftest import context_sensitive_model, random_model
 from test_sample import save_tiny_checkpoint
 
 import sample
@@ -23,16 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def context_sensitive(config: GPTConfig, seed: int) -> GPT:
-    """Random weights x10: at init scale a random model repeats a few tokens whatever its context."""
-    model = random_model(config, seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +71,8 @@ def proposers(model: GPT, draft: GPT, prompt_len: int, n: int, k: int) -> dict:
 def test_greedy_speculative_output_equals_plain_greedy_for_random_models(window, prompt_len):
     config = GPTConfig(vocab_size=32, block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     config.sliding_window = window
-    model = context_sensitive(config, seed=1)
-    draft = context_sensitive(
+    model = context_sensitive_model(config, seed=1)
+    draft = context_sensitive_model(
         GPTConfig(**{**vars(config), "n_layer": 1, "n_head": 2, "n_kv_head": 1}), seed=2
     )
     prompt = torch.randint(0, 32, (1, prompt_len), generator=torch.Generator().manual_seed(0))
