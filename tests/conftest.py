@@ -68,6 +68,16 @@ def finished_run(char_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models on a 2-core machine: a second OpenMP thread only adds synchronisation (up to 4x slower
+    when the machine is busy). Modules take it with pytestmark = pytest.mark.usefixtures("single_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Two processes under torchrun on this machine (gloo on CPU): prefix a script and its arguments.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

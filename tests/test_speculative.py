@@ -16,13 +16,7 @@ from speculative import Draft, PromptLookup, Stats, speculative_tokens, verify
 GREEDY = (0.0, None, None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (4x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
