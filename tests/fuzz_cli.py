@@ -209,7 +209,8 @@ def run_case(case: Case, shared: Path, timeout: int) -> tuple[str, str]:
         signal.alarm(timeout)
         code: object = None
         try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            # in the case's own folder: a fuzzed relative --out_dir lands there, not in the checkout
+            with contextlib.chdir(folder), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 case.main(case.argv(folder))
         except SystemExit as e:
             code = e.code
