@@ -1,7 +1,10 @@
 """Reading a prepared data set: its folder, meta.json (the tokenizer, vocab_size, dtype and token counts;
 written last, so its presence means the set is complete) and batches of train.bin and val.bin (flat
-token ids). data/common.py writes them with the names below. No torch at import: the prepare scripts
-import this module through data/common.py and start in a fifth of a second (see runtime.py).
+token ids). A chat set (meta "chat": true, data/chat/prepare.py) has two more files per split:
+<split>.mask.bin, uint8, 1 where a token is learned (the assistant's reply and the token ending its
+turn), and <split>.starts.bin, int64, where each conversation starts in the token file, then the total.
+data/common.py writes them with the names below. No torch at import: the prepare scripts import this
+module through data/common.py and start in a fifth of a second (see runtime.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ if TYPE_CHECKING:
 REPO_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
+# The files of a split: its token ids, and in a chat set the loss mask and the conversation starts.
+KIND_DTYPES = {"tokens": None, "mask": "uint8", "starts": "int64"}  # tokens: meta's dtype
+CHAT_KINDS = ("tokens", "mask", "starts")
 
 
-def token_file(data_dir: Path, split: str) -> Path:
-    return data_dir / f"{split}.bin"
+def token_file(data_dir: Path, split: str, kind: str = "tokens") -> Path:
+    return data_dir / (f"{split}.bin" if kind == "tokens" else f"{split}.{kind}.bin")
 
 
 def resolve_data_dir(dataset: str | None, data_dir: str | None) -> Path:

@@ -18,7 +18,7 @@ import tiktoken
 from runtime import UserError
 
 # The meta.json entries that describe a tokenizer; the rest describe the token files.
-TOKENIZER_KEYS = ("tokenizer", "chars", "encoding", "eot_token", "path", "vocab_size")
+TOKENIZER_KEYS = ("tokenizer", "chars", "encoding", "eot_token", "path", "vocab_size", "chat_template")
 
 
 def tokenizer_entry(meta: dict) -> dict:

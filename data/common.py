@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import META_NAME, SPLITS, token_file
+from dataset import CHAT_KINDS, KIND_DTYPES, META_NAME, SPLITS, token_file
 from runtime import PathLike, UserError, atomic_write
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -39,6 +39,7 @@ def write_meta(data_dir: PathLike, meta: dict) -> None:
 
 class TokenSetWriter:
     """Appends token ids to train.bin and val.bin under temporary names; commit() publishes them.
+    With chat=True also each split's loss mask and conversation starts (see dataset.py).
 
     Until commit() the folder keeps the set it had before, untouched; commit() removes meta.json,
     renames the token files into place and writes meta.json last. So a failed or killed run never
@@ -46,25 +47,43 @@ class TokenSetWriter:
     the written pages of a memmap count in the process's RSS, which would then grow with the corpus.
     """
 
-    def __init__(self, out_dir: PathLike, dtype: str):
+    def __init__(self, out_dir: PathLike, dtype: str, chat: bool = False):
         self.out_dir = Path(out_dir)
-        self.dtype = np.dtype(dtype)
+        self.dtypes = {**KIND_DTYPES, "tokens": np.dtype(dtype).name}
+        self.kinds = CHAT_KINDS if chat else ("tokens",)
         self.token_counts = dict.fromkeys(SPLITS, 0)
         self._files = {}
         self._committed = False
 
-    def _tmp_path(self, split: str) -> Path:
-        return token_file(self.out_dir, split).with_suffix(".bin.tmp")
+    def _paths(self) -> list[tuple[Path, Path]]:
+        """(temporary, final) path of every file the set consists of."""
+        finals = [token_file(self.out_dir, split, kind) for split in SPLITS for kind in self.kinds]
+        return [(final.with_suffix(".bin.tmp"), final) for final in finals]
 
     def __enter__(self) -> "TokenSetWriter":
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._files = {split: open(self._tmp_path(split), "wb") for split in SPLITS}
+        self._files = {
+            (split, kind): open(token_file(self.out_dir, split, kind).with_suffix(".bin.tmp"), "wb")
+            for split in SPLITS
+            for kind in self.kinds
+        }
+        if "starts" in self.kinds:  # the first conversation starts at 0
+            for split in SPLITS:
+                self._files[split, "starts"].write(np.zeros(1, dtype=np.int64).tobytes())
         return self
 
-    def write(self, split: str, ids: np.ndarray | list[int]) -> None:
-        array = np.asarray(ids, dtype=self.dtype)  # raises OverflowError rather than wrap an id around
-        self._files[split].write(array.tobytes())
+    def write(
+        self, split: str, ids: np.ndarray | list[int], mask: np.ndarray | list[int] | None = None
+    ) -> None:
+        """Append ids; in a chat set, one whole conversation and its loss mask (1: learned)."""
+        array = np.asarray(ids, dtype=self.dtypes["tokens"])  # OverflowError rather than wrap an id around
+        self._files[split, "tokens"].write(array.tobytes())
         self.token_counts[split] += array.size
+        if "mask" in self.kinds:
+            if mask is None or len(mask) != array.size:
+                raise ValueError("a chat set's write needs a loss mask of one value per token")
+            self._files[split, "mask"].write(np.asarray(mask, dtype=np.uint8).tobytes())
+            self._files[split, "starts"].write(np.array([self.token_counts[split]], dtype=np.int64).tobytes())
 
     def commit(self, meta: dict) -> dict:
         """Publish the token files and meta.json (meta, dtype and token counts); returns the meta written."""
@@ -77,12 +96,12 @@ class TokenSetWriter:
             f.close()
         meta = {
             **meta,
-            "dtype": self.dtype.name,
+            "dtype": self.dtypes["tokens"],
             **{f"{split}_tokens": count for split, count in self.token_counts.items()},
         }
         (self.out_dir / META_NAME).unlink(missing_ok=True)  # from here on the old set reads as incomplete
-        for split in SPLITS:
-            os.replace(self._tmp_path(split), token_file(self.out_dir, split))
+        for tmp, final in self._paths():
+            os.replace(tmp, final)
         write_meta(self.out_dir, meta)
         self._committed = True
         return meta
@@ -91,8 +110,8 @@ class TokenSetWriter:
         for f in self._files.values():
             f.close()
         if not self._committed:
-            for split in SPLITS:
-                self._tmp_path(split).unlink(missing_ok=True)
+            for tmp, _ in self._paths():
+                tmp.unlink(missing_ok=True)
 
 
 # --- text inputs (the Shakespeare scripts) ----------------------------------------------------

@@ -1,0 +1,148 @@
+"""Chat conversations: reading them, rendering them with the tokenizer's own chat template, and which of
+their tokens a fine-tune learns. data/chat/prepare.py, sample.py --chat and eval.py's generative tasks
+all go through ChatFormat, so a conversation is rendered the same way in training and at inference.
+
+A conversation is the `messages` list of transformers, TRL and the OpenAI API:
+    [{"role": "system" | "user" | "assistant", "content": "..."}, ...]
+Its tokens are exactly transformers' `apply_chat_template(messages, tokenize=True, return_dict=True)`.
+Learned tokens: each assistant reply and the special token that ends its turn (<|im_end|>, <|eot_id|>);
+not the system or user turns, nor the template's own tokens around a reply (its header, and a newline
+some templates put after the end-of-turn token). The reply's span is found by rendering the
+conversation up to that turn with the generation prompt, so no {% generation %} markers are needed.
+"""
+
+import json
+from pathlib import Path
+
+from runtime import UserError
+from tokenizer import HFTokenizer, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+Messages = list[dict[str, str]]
+
+
+def check_messages(messages: object, where: str) -> Messages:
+    """messages if it is a valid conversation, else a UserError naming where it came from."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for n, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise UserError(f"{where}: message {n} is not an object with a 'role'")
+        if message["role"] not in ROLES:
+            raise UserError(
+                f"{where}: message {n} has role {message['role']!r}; roles are {', '.join(ROLES)}"
+            )
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            raise UserError(f"{where}: message {n} ({message['role']}) has empty or non-text content")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise UserError(f"{where}: no assistant turn, so nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_conversations(path: Path) -> list[Messages]:
+    """One conversation per line of a JSONL file: {"messages": [...]} (blank lines are skipped)."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file")
+    conversations = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where} is not valid JSON ({e})") from None
+                if not isinstance(record, dict) or "messages" not in record:
+                    raise UserError(f"{where}: expected an object with a 'messages' list")
+                conversations.append(check_messages(record["messages"], where))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e})") from None
+    if not conversations:
+        raise UserError(f"{path} holds no conversations")
+    return conversations
+
+
+class ChatFormat:
+    """A Hugging Face tokenizer with a chat template: the template of its folder, or `template` (the
+    text of a Jinja file) in its place."""
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None, source: str = "the tokenizer"):
+        if not isinstance(tokenizer, HFTokenizer):
+            raise UserError(
+                f"{source} is a {type(tokenizer).__name__} without a chat template or end-of-turn token: "
+                "chat needs a Hugging Face tokenizer (import an open model with convert.py import, or "
+                "prepare the data with --tokenizer naming a tokenizer folder)"
+            )
+        self.tok = tokenizer.tok
+        self.template = template or self.tok.chat_template
+        if not self.template:
+            raise UserError(
+                f"{source} ({tokenizer.path}) has no chat template: pass --chat_template FILE (a Jinja "
+                "template such as the model family's chat_template.jinja)"
+            )
+        self.special_ids = {i for i, token in self.tok.added_tokens_decoder.items() if token.special}
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        ids, learned = self.encode(probe, "the chat template's test conversation")
+        self.end_of_turn = ids[max(i for i, m in enumerate(learned) if m)]  # a reply's last learned token
+
+    def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def prompt(self, messages: Messages) -> list[int]:
+        """The tokens of messages plus the generation prompt: what the model continues with a reply."""
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=True, return_dict=True, add_generation_prompt=True
+        )["input_ids"]
+
+    def encode(self, messages: Messages, where: str) -> tuple[list[int], list[int]]:
+        """The tokens of a conversation and its loss mask (1: learned), as the module docstring says."""
+        encoded = self.tok.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            tokenize=True,
+            return_dict=True,
+            tokenizer_kwargs={"return_offsets_mapping": True},
+        )
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        text = self.render(messages)
+        learned = [0] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start, end = self.reply_span(messages, turn, text, where)
+                self.mark_reply(ids, offsets, learned, start, end, where)
+        return ids, learned
+
+    def reply_span(self, messages: Messages, turn: int, text: str, where: str) -> tuple[int, int]:
+        """Where the assistant's message `turn` sits in the rendered text: after the generation prompt of
+        the turns before it, up to the end of its own turn."""
+        before = self.render(messages[:turn], add_generation_prompt=True)
+        through = self.render(messages[: turn + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise UserError(
+                f"{where}: the chat template renders earlier turns differently once later ones follow "
+                f"(turn {turn + 1}), so replies cannot be told apart; pass --chat_template FILE with one "
+                "that does not"
+            )
+        return len(before), len(through)
+
+    def mark_reply(
+        self, ids: list[int], offsets: list, learned: list[int], start: int, end: int, where: str
+    ) -> None:
+        """Set learned to 1 for the tokens of the reply in text[start:end], through the first special
+        token (the end of the turn)."""
+        for i, (token_start, token_end) in enumerate(offsets):
+            if token_start < start < token_end:
+                raise UserError(f"{where}: a token spans the generation prompt and the reply; cannot mask it")
+            if start <= token_start < end:
+                learned[i] = 1
+                if ids[i] in self.special_ids:
+                    return
+        raise UserError(
+            f"{where}: the chat template ends an assistant turn with no special token, so a reply has no "
+            "end the model can learn; use a template whose turns end with one (<|im_end|>, <|eot_id|>)"
+        )
