@@ -4,11 +4,22 @@ shape (ChatML for Qwen, header tokens for Llama 3). Each template marks the assi
 end-of-turn token with {% generation %}, as TRL's assistant-only loss needs; our own mask ignores them.
 """
 
+import contextlib
+import importlib.util
+import io
+import json
 import random
+import sys
 from pathlib import Path
+from unittest import mock
 
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("chat_prepare", REPO / "data" / "chat" / "prepare.py")
+prepare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prepare)
 
 CHATML = (
     "{%- for message in messages %}"
@@ -65,7 +76,10 @@ def save_chat_tokenizer(folder: Path, family: str, vocab_size: int = 300, templa
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(corpus(random.Random(0)), trainer)
     chat_template = family_template if template == "" else template
@@ -94,3 +108,22 @@ def conversation(rng: random.Random) -> list[dict]:
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(seed)
     return [conversation(rng) for _ in range(n)]
+
+
+def write_jsonl(path: Path, items: list[list[dict]]) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for messages in items:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def prepare_chat_set(folder: Path, family: str = "qwen3", n: int = 40, seed: int = 0, **options) -> Path:
+    """A prepared chat set of n conversations (data/chat/prepare.py, in this process) in folder/data,
+    with its tokenizer in folder/tokenizer; options are more of the script's flags, e.g. max_tokens=200."""
+    tokenizer = save_chat_tokenizer(folder / "tokenizer", family)
+    source = write_jsonl(folder / "conversations.jsonl", conversations(n, seed))
+    flags = [f"--{key}={value}" for key, value in options.items()]
+    argv = ["prepare.py", f"--input={source}", f"--tokenizer={tokenizer}", f"--out_dir={folder / 'data'}"]
+    with mock.patch.object(sys, "argv", argv + flags), contextlib.redirect_stdout(io.StringIO()):
+        prepare.main()
+    return folder / "data"
