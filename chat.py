@@ -12,6 +12,8 @@ conversation up to that turn with the generation prompt, so no {% generation %} 
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 from runtime import UserError
@@ -87,6 +89,8 @@ class ChatFormat:
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         ids, learned = self.encode(probe, "the chat template's test conversation")
         self.end_of_turn = ids[max(i for i, m in enumerate(learned) if m)]  # a reply's last learned token
+        # A reply ends at the end of its turn, or at the end of text should the model say that instead.
+        self.stop_ids = {self.end_of_turn} | ({tokenizer.eot_token} - {None})
 
     def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
         return self.tok.apply_chat_template(
@@ -146,3 +150,32 @@ class ChatFormat:
             f"{where}: the chat template ends an assistant turn with no special token, so a reply has no "
             "end the model can learn; use a template whose turns end with one (<|im_end|>, <|eot_id|>)"
         )
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of the file at path; a UserError naming it as `what` (e.g. "the chat template")."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def chat_template(entry: dict, template_file: str | None) -> str | None:
+    """The template to chat with: that of template_file (a --chat_template flag) if given, else the one
+    the checkpoint's tokenizer entry carries (data/chat/prepare.py --chat_template); None: the tokenizer
+    folder's own."""
+    if template_file:
+        return read_text_file(Path(template_file), "the chat template")
+    return entry.get("chat_template")
+
+
+def reply_tokens(steps: Iterator, stop_ids: set[int]) -> Iterator:
+    """The tokens (1, 1) of steps, a generation of one sequence, up to the first of stop_ids, which is
+    not yielded; steps is closed then, so no token past the reply is computed."""
+    with closing(steps):
+        for token in steps:
+            if int(token) in stop_ids:
+                return
+            yield token

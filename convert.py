@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from chat import ChatFormat
 from checkpoint import (
     CKPT_NAME,
     TOKENIZER_DIR,
@@ -40,7 +41,7 @@ from checkpoint import (
 )
 from model import LLAMA3_SCALING_KEYS, GPTConfig
 from runtime import DTYPE_NAMES, UserError, atomic_write, atomic_write_by_name, exit_on_error
-from tokenizer import copy_hf_tokenizer, get_tokenizer, has_hf_tokenizer
+from tokenizer import HFTokenizer, Tokenizer, copy_hf_tokenizer, get_tokenizer, has_hf_tokenizer
 
 TOKENIZER_KEY = (
     "nanogpt_tokenizer"  # our checkpoint's tokenizer entry, kept in config.json so import restores it
@@ -489,12 +490,15 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, for
                 f"the checkpoint's tokenizer entry is unusable ({type(e).__name__}: {e})"
             ) from e
         note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
+    chat = export_chat_format(entry, tokenizer)
     hf_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(to_hf(state_dict, config, dtype), hf_dir / "model.safetensors")
     bos, eos = None, None  # explicit None without a tokenizer: LlamaConfig would say 1 and 2
     if tokenizer is not None:
         tokenizer.save_hf(hf_dir)
         bos, eos = tokenizer.bos_token, tokenizer.eot_token
+    if chat is not None:
+        note += write_chat_files(hf_dir, chat, tokenizer)
     config_json.update(bos_token_id=bos, eos_token_id=eos)
     # An HF tokenizer is not ours to record: its files are beside the weights, where import looks.
     config_json[TOKENIZER_KEY] = entry if entry.get("tokenizer") in ("char", "tiktoken") else None
@@ -505,6 +509,36 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, for
         f"exported {out_dir} -> {hf_dir} ({config_json['architectures'][0]}, "
         f"{str(dtype).removeprefix('torch.')}); tokenizer: {note}"
     )
+
+
+def export_chat_format(entry: dict, tokenizer: Tokenizer | None) -> ChatFormat | None:
+    """The chat format of a tokenizer with a chat template (the one its entry carries, from
+    data/chat/prepare.py --chat_template, else its folder's own); None for one without. Made before
+    the export writes anything: a template that cannot chat stops it."""
+    template = entry.get("chat_template")
+    if not isinstance(tokenizer, HFTokenizer) or not (template or tokenizer.tok.chat_template):
+        return None
+    return ChatFormat(tokenizer, template, source="the checkpoint's tokenizer")
+
+
+def write_chat_files(hf_dir: Path, chat: ChatFormat, tokenizer: Tokenizer) -> str:
+    """What transformers' apply_chat_template and generate need to reply as sample.py --chat does: the
+    template as chat_template.jinja (read before tokenizer_config.json's chat_template, which a
+    copied tokenizer may hold too: then set to the same), and generation_config.json, whose
+    eos_token_id list ends a reply at its end-of-turn token as well as at end of text. The special
+    tokens themselves are in the tokenizer files. A note for the summary line."""
+    if isinstance(chat.template, str):  # not a folder's dict of named templates, copied as they are
+        (hf_dir / "chat_template.jinja").write_text(chat.template, encoding="utf-8")
+        config_path = hf_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        if "chat_template" in config:
+            config["chat_template"] = chat.template
+            config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    eos = [chat.end_of_turn, *sorted(chat.stop_ids - {chat.end_of_turn})]
+    generation = {"bos_token_id": tokenizer.bos_token, "eos_token_id": eos}
+    (hf_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    end = chat.tok.convert_ids_to_tokens(chat.end_of_turn)
+    return f"; chat template, and generation_config.json ending a reply at {end}"
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Evaluate a checkpoint beyond its val loss: bits per byte, and multiple-choice tasks scored as
-lm-evaluation-harness (lm-eval) scores them.
+"""Evaluate a checkpoint beyond its val loss: bits per byte, multiple-choice tasks scored as
+lm-evaluation-harness (lm-eval) scores them, and chat tasks scored by the exact match of greedy replies.
 
     python eval.py --out_dir=out-shakespeare-char                         # bits per byte (bpb)
     python eval.py --out_dir=out-x --tasks=bpb,hellaswag --max_examples=1000
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from chat import chat_template
 from checkpoint import load_model_and_tokenizer
-from configurator import AT_LEAST_1_OR_NONE, check_values, parse_config
+from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from loss_eval import bits_per_byte
 from runtime import (
@@ -28,7 +29,7 @@ from runtime import (
     processes,
     world,
 )
-from tasks import BUILTIN_TASKS, score_task, task_label, task_names
+from tasks import BUILTIN_TASKS, ChatTaskOptions, score_task, task_label, task_names
 from tokenizer import tokenizer_entry
 
 DESCRIPTION = """Evaluate out_dir/ckpt.pt on the tasks listed in --tasks (comma-separated):
@@ -41,6 +42,9 @@ DESCRIPTION = """Evaluate out_dir/ckpt.pt on the tasks listed in --tasks (comma-
   PATH.jsonl   a task file of your own, one example per line:
                {"context": "The cat sat on the", "choices": ["mat.", "moon."], "label": 0}
                context a non-empty string, choices two or more strings, label the index of the right one
+  CHAT.jsonl   a chat task: a task file of conversations, told apart by its first line's "messages":
+               {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]}
+               whose last message is the assistant's expected answer (chat.py checks the rest)
 
 Multiple-choice scoring, as lm-eval's defaults: each choice is scored by the sum of the log-probabilities
 of the continuation " " + choice after the context. acc is the fraction of examples whose best-scoring
@@ -51,9 +55,17 @@ context's own tokens. A context too long for the model loses its beginning: the 
 block_size tokens of context + continuation (the very last token is only predicted), as lm-eval
 truncates; a continuation of more than block_size tokens is an error.
 
+Chat scoring (generative): the chat template (the checkpoint's, or chat_template=FILE) renders every
+message but the last plus the generation prompt; the model decodes greedily until its end-of-turn
+token (or end of text), at most max_new_tokens, and exact_match is the fraction of replies equal to
+the expected answer, character for character (normalize=True: both stripped of surrounding
+whitespace and case-folded first). A prompt longer than block_size keeps its last block_size tokens.
+A tokenizer with no chat template, or a character-level or tiktoken one, is an error.
+
 Under torchrun the examples (bpb: the windows of the val split) are shared out among the processes
-and the results summed over them. Errors are one line on stderr: exit 2 for a bad flag or an unknown
-task, 1 for bad input (a missing or malformed task file, text the checkpoint's tokenizer cannot encode)."""
+and the results summed over them. Errors are one line on stderr: exit 2 for a bad flag or an
+unknown task, 1 for bad input (a missing or malformed task file, text the checkpoint's tokenizer
+cannot encode)."""
 
 
 @dataclass
@@ -61,8 +73,11 @@ class EvalConfig:
     out_dir: str = "out"  # folder holding ckpt.pt, as written by train.py
     tasks: str = "bpb"  # comma-separated: bpb, hellaswag, or task files (PATH.jsonl)
     data_dir: str | None = None  # prepared data set for bpb; None = the one the checkpoint was trained on
-    max_examples: int | None = None  # score only the first N examples of each multiple-choice task
-    batch_size: int = 32  # sequences per forward pass: val windows for bpb, choices for the other tasks
+    max_examples: int | None = None  # score only the first N examples of each task (not bpb)
+    batch_size: int = 32  # sequences per forward pass: val windows for bpb, choices for multiple choice
+    chat_template: str | None = None  # chat tasks: a Jinja template file in place of the checkpoint's own
+    max_new_tokens: int = 256  # chat tasks: the longest reply decoded
+    normalize: bool = False  # chat tasks: compare stripped of surrounding whitespace and case-folded
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float16 on GPUs without bf16, else float32) or one of those
     json: str | None = None  # also write the results to this file as a JSON object
@@ -97,7 +112,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
     check_values(
         cfg,
-        {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE},
+        {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE, "max_new_tokens": AT_LEAST_1},
     )
     if cfg.json is not None and (Path(cfg.json).is_dir() or not Path(cfg.json).resolve().parent.is_dir()):
         raise ConfigError(f"json={cfg.json!r} must name a file in an existing folder")
@@ -107,6 +122,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     with processes(cfg.device, cfg.collective_timeout_s) as device:
         mix = autocast(device, pick_dtype(cfg.dtype, device))
         model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
+        template = chat_template(checkpoint["tokenizer"], cfg.chat_template)
+        chat = ChatTaskOptions(template, cfg.max_new_tokens, cfg.normalize)
         results = {}
         for name in names:
             started = time.time()
@@ -119,7 +136,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
                     f"({len(tokens) - 1:,} tokens predicted, {n_bytes:,} bytes; {seconds:.1f} s)"
                 )
             else:
-                scores, n = score_task(model, tokenizer, name, cfg.max_examples, cfg.batch_size, device, mix)
+                scores, n = score_task(
+                    model, tokenizer, name, cfg.max_examples, cfg.batch_size, device, mix, chat
+                )
                 results.update(scores)
                 seconds = time.time() - started
                 shown = ", ".join(f"{key.split('/')[1]} {value:.4f}" for key, value in scores.items())

@@ -7,11 +7,12 @@ import codecs
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from chat import ChatFormat, Messages, chat_template, read_text_file, reply_tokens
 from checkpoint import load_model_and_tokenizer
 from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, NOT_NEGATIVE, check_values, parse_config
 from generate import (
@@ -57,6 +58,18 @@ the tokens that followed the latest earlier occurrence of the context's last n-g
 propose draft_tokens tokens, and the model verifies them all in one forward pass. The output is the
 same as without: greedy token for token, sampling in distribution. One sample at a time; the summary
 adds the share of proposals kept and the tokens per model step.
+Chat (chat=True): a conversation with a chat model, one whose Hugging Face tokenizer has a chat
+template (its own, the one data/chat/prepare.py --chat_template recorded, or --chat_template=FILE).
+Each user message (a line of stdin; a blank line or the end of input ends the chat; with start, its
+one message, printed reply and exit) joins the history, with system's message first if given. The
+template renders the whole history plus the generation prompt, prefilled afresh every turn: the KV
+cache is not carried over, so the model sees exactly what transformers' apply_chat_template gives.
+The reply streams to stdout, one line after it, until the end-of-turn token (or end of text), and
+joins the history; one that reaches max_new_tokens first is cut there, with a note on stderr. A
+history longer than block_size loses its oldest exchanges, with a note; a single message too long is
+an error. temperature=0 is greedy, as convert.py export's generate(do_sample=False). One reply at a
+time, eagerly: num_samples, compile, draft and prompt_lookup keep their defaults. A tokenizer with no
+template, a character-level or a tiktoken one is an error.
 A missing, corrupt or tokenizer-less checkpoint is an error. An error prints a message on stderr,
 no traceback, and exits with status 1 (2 for an unknown key or a bad value, as in every CLI here)."""
 
@@ -79,18 +92,15 @@ class SampleConfig:
     draft: str | None = None  # a smaller checkpoint with the same tokenizer proposes tokens (see above)
     prompt_lookup: int = 0  # propose what followed the context's last n-gram, n up to this; 0 = off
     draft_tokens: int = 4  # tokens proposed per verification, with draft or prompt_lookup
+    chat: bool = False  # a conversation with a chat model: user messages from stdin, or start (see above)
+    chat_template: str | None = None  # chat: a Jinja template file in place of the checkpoint's own
+    system: str = ""  # chat: the system message the conversation starts with; "" for none
 
 
 def read_prompt(start: str) -> str:
     if not start.startswith("FILE:"):
         return start
-    path = Path(start.removeprefix("FILE:"))
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return read_text_file(Path(start.removeprefix("FILE:")), "the prompt file")
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer) -> list[int]:
@@ -119,8 +129,9 @@ def generate_and_print(
     device: torch.device,
     dtype: torch.dtype,
     stats: Stats | None,
-) -> None:
-    """Print the tokens stream(compile) generates, (num_samples, 1) each, and a summary on stderr."""
+) -> list[int]:
+    """Print the tokens stream(compile) generates, (num_samples, 1) each, and a summary on stderr;
+    the first sample's tokens."""
     # Holds back the bytes of an unfinished character: a BPE token can end in the middle of one.
     first_row = codecs.getincrementaldecoder("utf-8")(errors="replace")
     new_tokens = []  # one (num_samples, 1) tensor per step
@@ -141,7 +152,8 @@ def generate_and_print(
             print(first_row.decode(tokenizer.decode_bytes(token[0].tolist())), end="", flush=True)
     elapsed = time.perf_counter() - started
     print(first_row.decode(b"", final=True))
-    for row in torch.cat(new_tokens, dim=1).tolist()[1:]:
+    rows = torch.cat(new_tokens, dim=1).tolist() if new_tokens else [[]]  # a chat reply may end at once
+    for row in rows[1:]:
         print(SEPARATOR)
         print(prompt_text + tokenizer.decode_bytes(row).decode("utf-8", errors="replace"))
     n_tokens = cfg.num_samples * len(new_tokens)
@@ -151,6 +163,7 @@ def generate_and_print(
         + (f"; {stats.summary()}" if stats else ""),
         file=sys.stderr,
     )
+    return rows[0]
 
 
 def token_stream(
@@ -189,6 +202,89 @@ def token_stream(
     return stream, stats
 
 
+def user_messages(start: str) -> Iterator[str]:
+    """The user's messages of a chat: start's one (text or FILE:path), else stdin's lines up to a blank
+    line or the end of input (a "> " prompt on stderr when stdin is a terminal)."""
+    if start:
+        message = read_prompt(start)
+        if not message.strip():
+            raise UserError("the chat message in start is empty: give it some text")
+        yield message
+        return
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.rstrip("\r\n")
+
+
+def fitted_prompt(chat: ChatFormat, history: Messages, block_size: int) -> list[int]:
+    """The tokens of history plus the generation prompt, within block_size: the oldest exchanges (a
+    user message and its reply; a system message stays) are dropped from history until they fit, with
+    a note on stderr. The latest message alone too long is an error: a cut template is no prompt."""
+    first = 1 if history[0]["role"] == "system" else 0
+    dropped = 0
+    while len(prompt_ids := chat.prompt(history)) > block_size:
+        if len(history) - first == 1:
+            raise UserError(
+                f"the message{' and the system message' if first else ''} take {len(prompt_ids)} tokens "
+                f"in the chat template, more than the model's context (block_size {block_size}): send a "
+                "shorter one"
+            )
+        del history[first : first + 2]
+        dropped += 1
+    if dropped:
+        print(
+            f"note: the conversation outgrew the model's context (block_size {block_size}): "
+            f"dropped its oldest {dropped} exchange(s)",
+            file=sys.stderr,
+        )
+    return prompt_ids
+
+
+def check_chat_flags(cfg: SampleConfig) -> None:
+    if not cfg.chat and (cfg.chat_template is not None or cfg.system):
+        raise ConfigError("chat_template and system are for a chat: add --chat")
+    if cfg.chat and (cfg.num_samples != 1 or cfg.compile or cfg.draft is not None or cfg.prompt_lookup):
+        raise ConfigError(
+            "chat decodes one reply at a time, eagerly: leave num_samples, compile, draft and "
+            "prompt_lookup at their defaults"
+        )
+
+
+def converse(
+    cfg: SampleConfig, model: GPT, tokenizer: Tokenizer, entry: dict, device: torch.device, dtype: torch.dtype
+) -> None:
+    """--chat: each user message is added to the history, and the template renders the whole history
+    plus the generation prompt, prefilled afresh each turn (no KV cache carried over: a template may
+    render earlier turns differently once later ones follow, and a reply's text may encode to other
+    tokens than those generated; so the model sees what transformers would). The reply is streamed,
+    up to its end-of-turn token (or end of text), and joins the history."""
+    cfg = replace(cfg, compile=False)  # each turn has its own cache length: a compile would not pay
+    chat = ChatFormat(tokenizer, chat_template(entry, cfg.chat_template), f"the tokenizer of {cfg.out_dir}")
+    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
+    for message in user_messages(cfg.start):
+        history.append({"role": "user", "content": message})
+        prompt_ids = fitted_prompt(chat, history, model.config.block_size)
+        check_kv_cache_fits(model.config, 1, len(prompt_ids), cfg.max_new_tokens, device, dtype)
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+        def stream(compile: bool) -> Iterator[torch.Tensor]:
+            return reply_tokens(generate_tokens(model, idx, cfg.max_new_tokens, *sampling), chat.stop_ids)
+
+        reply = generate_and_print(tokenizer, stream, "", cfg, device, dtype, None)
+        if len(reply) == cfg.max_new_tokens:
+            print(
+                f"note: the reply reached max_new_tokens={cfg.max_new_tokens} before its end of turn; "
+                "it is cut there",
+                file=sys.stderr,
+            )
+        history.append({"role": "assistant", "content": tokenizer.decode(reply)})
+
+
 def sample(cfg: SampleConfig) -> None:
     check_values(
         cfg,
@@ -202,8 +298,13 @@ def sample(cfg: SampleConfig) -> None:
             "prompt_lookup": NOT_NEGATIVE,
         },
     )
+    check_chat_flags(cfg)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.chat:
+        model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
+        converse(cfg, model, tokenizer, checkpoint["tokenizer"], device, dtype)
+        return
     prompt_text = read_prompt(cfg.start)
     model, tokenizer, checkpoint = load_model_and_tokenizer(cfg.out_dir, device)
     prompt_ids = encode_prompt(prompt_text, tokenizer)

@@ -1,6 +1,7 @@
 """Multiple-choice tasks (HellaSwag, task files of your own) scored as lm-evaluation-harness (lm-eval)
 scores them: reading the tasks, splitting each choice's text into tokens as lm-eval does, and the
-batched log-probabilities of the continuations. eval.py scores them on the command line, train.py
+batched log-probabilities of the continuations. Chat tasks, task files of conversations, are
+generative: the exact match of the greedy reply. eval.py scores them on the command line, train.py
 at every evaluation (eval_tasks); eval.py's --help describes the scoring."""
 
 import difflib
@@ -16,8 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
+from chat import ChatFormat, Messages, read_conversations, reply_tokens
 from data.common import download
+from generate import generate_tokens
 from model import GPT
 from runtime import ConfigError, UserError, world
 from tokenizer import Tokenizer
@@ -36,6 +40,15 @@ class Example:
     choices: tuple[str, ...]
     label: int  # index of the right choice
     where: str = field(default="", compare=False)  # file and line, for error messages
+
+
+@dataclass(frozen=True)
+class ChatTaskOptions:
+    """How chat tasks are scored (eval.py's flags of the same names)."""
+
+    template: str | None = None  # the text of a Jinja chat template in place of the tokenizer's own
+    max_new_tokens: int = 256  # a reply is cut after this many tokens (and then most likely wrong)
+    normalize: bool = False  # compare replies and answers stripped of surrounding whitespace, case-folded
 
 
 # --- tasks ----------------------------------------------------------------------------------------
@@ -288,8 +301,85 @@ def score_task(
     batch_size: int,
     device: torch.device,
     autocast: AbstractContextManager | None = None,
+    chat: ChatTaskOptions = ChatTaskOptions(),
 ) -> tuple[dict[str, float], int]:
-    """({"<task>/acc": ..., "<task>/acc_norm": ...}, examples scored) of one multiple-choice task."""
-    examples = load_task(name, max_examples)
-    scores = accuracy(model, tokenizer, examples, batch_size, device, autocast)
+    """({"<task>/acc": ..., "<task>/acc_norm": ...}, examples scored) of one multiple-choice task;
+    ({"<task>/exact_match": ...}, examples scored) of a chat task."""
+    if is_chat_task(name):
+        examples = load_chat_task(Path(name), max_examples)
+        scores = exact_match(model, ChatFormat(tokenizer, chat.template), examples, chat, device, autocast)
+    else:
+        examples = load_task(name, max_examples)
+        scores = accuracy(model, tokenizer, examples, batch_size, device, autocast)
     return {f"{task_label(name)}/{metric}": value for metric, value in scores.items()}, len(examples)
+
+
+# --- chat tasks: greedy replies, exact match ----------------------------------------------------------
+
+
+def is_chat_task(name: str) -> bool:
+    """Whether name is a task file of conversations, {"messages": [...]}, by its first line (the rest is
+    checked when it is read; a file that is neither kind is refused as multiple choice)."""
+    if not is_task_file(name) or not Path(name).is_file():
+        return False
+    try:
+        with open(name, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and "messages" in record
+
+
+def load_chat_task(path: Path, max_examples: int | None = None) -> list[Messages]:
+    """The first max_examples (None: all) conversations of a chat task, each ending with the assistant's
+    expected answer."""
+    conversations = read_conversations(path)[:max_examples]
+    for n, messages in enumerate(conversations, 1):
+        if messages[-1]["role"] != "assistant":
+            raise UserError(
+                f"{path}, conversation {n}: the last message must be the assistant's expected answer, "
+                f"not a {messages[-1]['role']} message"
+            )
+    return conversations
+
+
+@torch.no_grad()
+def greedy_reply(
+    model: GPT, chat: ChatFormat, messages: Messages, max_new_tokens: int, device: torch.device
+) -> list[int]:
+    """The tokens of the model's greedy reply to messages, up to its end of turn. A prompt longer than
+    block_size keeps its end, as generate_tokens does."""
+    idx = torch.tensor([chat.prompt(messages)], dtype=torch.long, device=device)
+    steps = generate_tokens(model, idx, max_new_tokens, temperature=0.0)
+    return [int(token) for token in reply_tokens(steps, chat.stop_ids)]
+
+
+def exact_match(
+    model: GPT,
+    chat: ChatFormat,
+    examples: list[Messages],
+    options: ChatTaskOptions,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """The fraction of examples whose greedy reply to all but their last message is that message's
+    content, shared out among the processes (each scores every world_size-th)."""
+    if isinstance(model, FSDPModule):  # each reply has its own number of forward passes, each a collective
+        raise UserError("chat tasks cannot be scored on a sharded model: score the checkpoint with eval.py")
+    rank, world_size = world()
+    was_training = model.training
+    model.eval()
+    right = 0
+    for messages in examples[rank::world_size]:
+        with autocast or nullcontext():
+            ids = greedy_reply(model, chat, messages[:-1], options.max_new_tokens, device)
+        reply, answer = chat.tok.decode(ids), messages[-1]["content"]
+        if options.normalize:
+            reply, answer = reply.strip().casefold(), answer.strip().casefold()
+        right += reply == answer
+    model.train(was_training)
+    hits = torch.tensor([right], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(hits)
+    return {"exact_match": hits.item() / len(examples)}
