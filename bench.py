@@ -504,8 +504,9 @@ LORA = LoRAConfig(rank=16, alpha=32.0)  # --lora: train.py's default targets, ev
 def bench_lora(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
     """Memory of a training step (forward, backward, AdamW) on the preset's model, fine-tuned in full or
     with LoRA (base held in dtype, as train.py holds it): the bytes of the weights, of the gradients
-    (one per trained parameter) and of AdamW's state (counted in the optimizer after a step), and the
-    step's peak above what was allocated before it (step_peak_memory; on a CPU, peak RSS)."""
+    (one per trained parameter) and of AdamW's state (counted in the optimizer after a step), of the
+    activations the forward saves for backward (storages counted once), and the step's peak above what
+    was allocated before it (step_peak_memory; on a CPU, peak RSS, allocator slack included)."""
     results = {}
     for name in ("full", "lora"):
         torch.manual_seed(0)
@@ -515,6 +516,15 @@ def bench_lora(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict
             cast_base(model, dtype)
         step, optimizer = our_train_step(model, random_batch(preset, device), dtype)
         step()  # AdamW's state exists from the first step on
+        x = random_batch(preset, device)
+        saved = {}  # storage -> bytes, of every tensor autograd keeps for backward
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
+            model(x, x)
         trained = [p for p in model.parameters() if p.requires_grad]
         results[name] = {
             "trained_params": sum(p.numel() for p in trained),
@@ -523,6 +533,7 @@ def bench_lora(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict
             "optimizer_state_bytes": sum(
                 t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim() > 0
             ),
+            "saved_activation_bytes": sum(saved.values()),
             "step_peak_bytes": step_peak_memory(step, device),
         }
         del model, step, optimizer
@@ -541,6 +552,7 @@ def print_lora(results: dict, preset: Preset) -> None:
         ("weight_bytes", "weights"),
         ("gradient_bytes", "gradients"),
         ("optimizer_state_bytes", "optimizer state"),
+        ("saved_activation_bytes", "activations saved for backward"),
         ("step_peak_bytes", "step peak above weights and state"),
     ):
         row(
