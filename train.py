@@ -59,7 +59,7 @@ from configurator import (
     parse_config,
 )
 from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
-from lora import TARGETS, LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter
+from lora import LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
 from model import GPT, GPTConfig
@@ -142,9 +142,7 @@ class TrainConfig:
     lora_rank: int | None = None  # the adapters' rank; None = no LoRA, train every weight
     lora_alpha: float = 32.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input
-    lora_targets: str = ",".join(
-        TARGETS
-    )  # the matrices to adapt: attention's q,k,v,o, the MLP's gate,up,down
+    lora_targets: str = "q,k,v,o,gate,up,down"  # the matrices to adapt: attention's and the MLP's
     # parallelism (under torchrun) and memory
     parallelism: str = "ddp"  # 'ddp': each process holds the whole model; 'fsdp': shard it over them
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory

@@ -19,7 +19,7 @@ import eval as eval_cli  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
-from lora import LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter  # noqa: E402
+from lora import TARGETS, LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -242,3 +242,7 @@ def test_resume_with_other_lora_settings_or_another_base_is_refused(llama_base, 
 def test_merge_of_a_checkpoint_without_adapters_is_refused(llama_base, tmp_path, capsys):
     argv = ["export", str(llama_base), str(tmp_path / "merged"), "--merge"]
     expect_error(capsys, 1, "holds no LoRA adapters to merge; export it without --merge", convert.main, argv)
+
+
+def test_the_default_targets_are_every_matrix_lora_can_adapt():
+    assert train.TrainConfig.lora_targets == ",".join(TARGETS)
