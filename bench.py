@@ -13,6 +13,8 @@ to first token and compile time, with a check that all produce the same tokens; 
 training step; on the README's Shakespeare model, our generation compiled, eager, and without a KV
 cache (a full re-forward of the context per token, as nanoGPT samples), and the tokens that repay
 the compile; and eval.py's multiple-choice scoring, batched against one choice at a time.
+
+    python bench.py --lora                             # memory of LoRA against full fine-tuning
 """
 
 import argparse
@@ -41,6 +43,7 @@ from generate import (
     kv_cache_length,
     sample_next_token,
 )
+from lora import LoRAConfig, add_lora, cast_base
 from model import GPT, GPTConfig
 from optim import make_optimizers
 from runtime import DTYPE_NAMES, UserError, atomic_write, autocast, exit_on_error, pick_device, pick_dtype
@@ -495,6 +498,70 @@ def bench_speculative(model_dir: str, draft_dir: str, preset: Preset, device: to
     return results
 
 
+LORA = LoRAConfig(rank=16, alpha=32.0)  # --lora: train.py's default targets, every block matrix
+
+
+def bench_lora(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory of a training step (forward, backward, AdamW) on the preset's model, fine-tuned in full or
+    with LoRA (base held in dtype, as train.py holds it): the bytes of the weights, of the gradients
+    (one per trained parameter) and of AdamW's state (counted in the optimizer after a step), of the
+    activations the forward saves for backward (storages counted once), and the step's peak above what
+    was allocated before it (step_peak_memory; on a CPU, peak RSS, allocator slack included)."""
+    results = {}
+    for name in ("full", "lora"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**preset.model)).to(device).train()
+        if name == "lora":
+            add_lora(model, LORA)
+            cast_base(model, dtype)
+        step, optimizer = our_train_step(model, random_batch(preset, device), dtype)
+        step()  # AdamW's state exists from the first step on
+        x = random_batch(preset, device)
+        saved = {}  # storage -> bytes, of every tensor autograd keeps for backward
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
+            model(x, x)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        results[name] = {
+            "trained_params": sum(p.numel() for p in trained),
+            "weight_bytes": sum(p.nbytes for p in model.parameters()),
+            "gradient_bytes": sum(p.nbytes for p in trained),
+            "optimizer_state_bytes": sum(
+                t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim() > 0
+            ),
+            "saved_activation_bytes": sum(saved.values()),
+            "step_peak_bytes": step_peak_memory(step, device),
+        }
+        del model, step, optimizer
+    return results
+
+
+def print_lora(results: dict, preset: Preset) -> None:
+    print(
+        f"\nLoRA rank {LORA.rank} on {','.join(LORA.targets)} against full fine-tuning "
+        f"(AdamW, batch {preset.batch_size} x {preset.seq_len})"
+    )
+    print(f"{'':<44} {'lora':>12} {'full':>12} {'lora/full':>9}")
+    lora, full = results["lora"], results["full"]
+    row("trained parameters", lora["trained_params"], full["trained_params"], fmt="{:,.0f}")
+    for key, name in (
+        ("weight_bytes", "weights"),
+        ("gradient_bytes", "gradients"),
+        ("optimizer_state_bytes", "optimizer state"),
+        ("saved_activation_bytes", "activations saved for backward"),
+        ("step_peak_bytes", "step peak above weights and state"),
+    ):
+        row(
+            f"{name} (MiB)",
+            *(r[key] / 2**20 if r[key] is not None else None for r in (lora, full)),
+            fmt="{:,.2f}",
+        )
+
+
 def bench_multiple_choice(
     model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, dtype: torch.dtype
 ) -> dict:
@@ -648,6 +715,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only: generation at batch 1 and 8, ours compiled and eager against transformers'",
     )
     parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="only: memory of a training step, LoRA (rank 16) against full fine-tuning",
+    )
+    parser.add_argument(
         "--speculative",
         nargs=2,
         metavar=("MODEL_DIR", "DRAFT_DIR"),
@@ -709,6 +781,9 @@ def bench(argv: list[str] | None) -> None:
 
     if args.speculative:
         results["speculative"] = bench_speculative(*args.speculative, preset, device, dtype)
+    elif args.lora:
+        results["lora_memory"] = bench_lora(preset, device, dtype)
+        print_lora(results["lora_memory"], preset)
     elif args.options:
         results["option_tokens_per_s"] = bench_options(preset, device, dtype)
     elif args.generation:

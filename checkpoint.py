@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lora import LoRAConfig, add_lora, base_fingerprint, merge_lora
 from model import GPT, GPTConfig
 from runtime import PathLike, UserError, atomic_write, fsync_dir, os_error_behind, world
 from tokenizer import Tokenizer, get_tokenizer, has_hf_tokenizer
@@ -230,9 +231,15 @@ def clean_state_dict(state_dict: dict) -> dict:
     return cleaned
 
 
-def model_from_checkpoint(checkpoint: dict) -> GPT:
+def model_from_checkpoint(checkpoint: dict, keep_lora: bool = False) -> GPT:
+    """The checkpoint's model. A LoRA run's (train.py --lora_rank) comes with its adapters merged into
+    the base, or with keep_lora kept apart to train on, once its base is proven the one they were
+    trained on."""
+    lora = checkpoint.get("lora")
     try:
         model = GPT(GPTConfig(**checkpoint["model_args"]))
+        if lora:
+            add_lora(model, lora_config(lora))
         model.load_state_dict(clean_state_dict(checkpoint["model"]))
     except KeyError as e:
         raise CheckpointError(
@@ -241,7 +248,28 @@ def model_from_checkpoint(checkpoint: dict) -> GPT:
     except (TypeError, ValueError, RuntimeError) as e:  # unknown model_args, bad shapes, mismatched weights
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
+    if lora:
+        check_lora_base(model, lora)
+        if not keep_lora:
+            merge_lora(model)
     return model
+
+
+def lora_config(entry: dict) -> LoRAConfig:
+    """The adapters' settings in a checkpoint's lora entry (which also holds the base's fingerprint)."""
+    return LoRAConfig(**{key: value for key, value in entry.items() if key != "base_fingerprint"})
+
+
+def check_lora_base(model: GPT, entry: dict, hint: str = "") -> None:
+    """Refuse adapters on a base other than the one they were trained on: a fingerprint of the base's
+    weights is recorded when a LoRA run starts, and every load checks it."""
+    found = base_fingerprint(model)
+    if found != entry["base_fingerprint"]:
+        raise CheckpointError(
+            f"the base weights differ from those the LoRA adapters were trained on (fingerprint {found}, "
+            f"recorded {entry['base_fingerprint']}): "
+            + (hint or "the checkpoint was edited or damaged; use the one the LoRA run saved")
+        )
 
 
 def tokenizer_entry_of(path: PathLike) -> dict:

@@ -4,6 +4,9 @@ of the Llama, Qwen2, Qwen3 and Mistral families.
   python convert.py export OUT_DIR HF_DIR   # OUT_DIR/ckpt.pt -> HF_DIR for transformers, vLLM, llama.cpp
   python convert.py import HF_DIR OUT_DIR   # Llama 3.2, Qwen2.5, Qwen3, Mistral, ... -> OUT_DIR/ckpt.pt
 
+A LoRA run's checkpoint (train.py --lora_rank) exports as a PEFT adapter folder (adapter_config.json,
+adapter_model.safetensors) for the base model's folder, or with --merge as a plain model folder.
+
 The options of model.py that each family carries (export picks the family a checkpoint's options need,
 plain Llama when it uses none; rope_scaling 'llama3' and head_dim go with any of them):
   llama    LlamaForCausalLM     -
@@ -39,6 +42,7 @@ from checkpoint import (
     save_checkpoint,
     tokenizer_entry_in,
 )
+from lora import adaptable, is_adapter
 from model import LLAMA3_SCALING_KEYS, GPTConfig
 from runtime import DTYPE_NAMES, UserError, atomic_write, atomic_write_by_name, exit_on_error
 from tokenizer import HFTokenizer, Tokenizer, copy_hf_tokenizer, get_tokenizer, has_hf_tokenizer
@@ -462,10 +466,13 @@ def imported_tokenizer(hf: dict, hf_dir: Path, out_dir: Path, vocab_size: int) -
     return {"tokenizer": "hf", "path": str((out_dir / TOKENIZER_DIR).resolve()), "vocab_size": vocab_size}
 
 
-def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, force: bool = False) -> None:
+def export_hf(
+    out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, force: bool = False, merge: bool = False
+) -> None:
     """config.json, model.safetensors and the tokenizer of out_dir's checkpoint into hf_dir (dtype: as stored,
     by default), as the family its options need. A non-empty hf_dir only with force: one export's
-    tokenizer files would otherwise sit beside another's."""
+    tokenizer files would otherwise sit beside another's. A LoRA checkpoint: its adapters in PEFT's
+    format (export_adapter), or with merge the model with the adapters folded into its weights."""
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and not hf_dir.is_dir():
         raise ConvertError(f"HF_DIR {hf_dir} is a file: choose a folder")
@@ -476,9 +483,15 @@ def export_hf(out_dir: Path, hf_dir: Path, dtype: torch.dtype | None = None, for
         )
     found = find_checkpoint(out_dir)
     checkpoint = load_checkpoint(found)  # ckpt.pt or a sharded checkpoint
-    model_from_checkpoint(checkpoint)  # refuses a foreign or damaged checkpoint before writing anything
+    # Refuses a foreign or damaged checkpoint, or adapters on another base, before writing anything.
+    model = model_from_checkpoint(checkpoint)
     config, state_dict = GPTConfig(**checkpoint["model_args"]), clean_state_dict(checkpoint["model"])
-    dtype = dtype or state_dict["tok_embeddings.weight"].dtype
+    if merge and not checkpoint.get("lora"):
+        raise ConvertError(f"--merge: {found} holds no LoRA adapters to merge; export it without --merge")
+    if checkpoint.get("lora") and not merge:
+        return export_adapter(checkpoint["lora"], state_dict, config, hf_dir, found)
+    dtype = dtype or state_dict["tok_embeddings.weight"].dtype  # a LoRA run's: its base's
+    state_dict = model.state_dict() if merge else state_dict  # merged in float32
     config_json = hf_config(config, dtype)  # first: it refuses what no family represents
     entry = tokenizer_entry_in(checkpoint, found) if checkpoint.get("tokenizer") else {}
     tokenizer, note = None, "none: the checkpoint records none"
@@ -541,6 +554,56 @@ def write_chat_files(hf_dir: Path, chat: ChatFormat, tokenizer: Tokenizer) -> st
     return f"; chat template, and generation_config.json ending a reply at {end}"
 
 
+PEFT_PREFIX = "base_model.model."  # PEFT's names: its wrapper, then the transformers model's own
+
+
+def to_peft(state_dict: dict, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our adapters under PEFT's names, float32: layers.0.attn.wqkv.lora.A.k ->
+    base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight (A and B keep their shapes)."""
+    hf_parts = {ours: [name for name, _ in parts] for ours, parts in weight_layout(config)}
+    tensors = {}
+    for key in filter(is_adapter, state_dict):
+        layer, _, rest = key.partition(".lora.")  # layers.0.attn.wqkv, A.k
+        matrix, target = rest.split(".")
+        targets = [name for name, _ in adaptable(config)[layer.split(".", 2)[2]]]  # the fused order
+        module = hf_parts[layer + ".weight"][targets.index(target)].removesuffix(".weight")
+        tensors[f"{PEFT_PREFIX}{module}.lora_{matrix}.weight"] = state_dict[key].float().contiguous()
+    return tensors
+
+
+def export_adapter(lora: dict, state_dict: dict, config: GPTConfig, hf_dir: Path, found: Path) -> None:
+    """A LoRA run's adapters as PEFT writes them, for the base's Hugging Face folder (convert.py export of
+    the checkpoint the run started from): PeftModel.from_pretrained, transformers' load_adapter and
+    vLLM's --enable-lora read it."""
+    tensors = to_peft(state_dict, config)
+    modules = sorted({name.removeprefix(PEFT_PREFIX).split(".")[-3] for name in tensors})  # q_proj, ...
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,  # no hub name here: the base is the folder one loads it onto
+        "r": lora["rank"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"],
+        "target_modules": modules,
+        "bias": "none",
+        "use_rslora": False,  # the scale is alpha / r
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(tensors, hf_dir / "adapter_model.safetensors")
+    text = json.dumps(adapter_config, indent=2) + "\n"
+    atomic_write(hf_dir / "adapter_config.json", lambda f: f.write(text.encode("utf-8")))
+    print(
+        f"exported the LoRA adapters of {found} -> {hf_dir} (PEFT, rank {lora['rank']}, "
+        f"{', '.join(modules)}); their base: convert.py export of the checkpoint the run started from; "
+        "a merged model: --merge"
+    )
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     def write(tmp_path: Path) -> None:
         try:
@@ -568,6 +631,11 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=DTYPE_NAMES, help="tensor dtype on disk (default: the checkpoint's)"
     )
     export.add_argument("--force", action="store_true", help="write into a non-empty HF_DIR")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run: fold the adapters into the base and write a plain model (default: the adapters)",
+    )
     imp = commands.add_parser("import", help="a Hugging Face model directory -> our checkpoint")
     imp.add_argument(
         "hf_dir", type=Path, help="directory with config.json and model.safetensors (or shards + index)"
@@ -587,9 +655,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         if args.command == "export":
-            export_hf(
-                args.out_dir, args.hf_dir, getattr(torch, args.dtype) if args.dtype else None, args.force
-            )
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            export_hf(args.out_dir, args.hf_dir, dtype, args.force, args.merge)
         else:
             import_hf(args.hf_dir, args.out_dir, getattr(torch, args.dtype), args.force, args.block_size)
 

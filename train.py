@@ -38,16 +38,19 @@ from checkpoint import (
     CKPT_NAME,
     TOKENIZER_DIR,
     CheckpointError,
+    check_lora_base,
     find_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     lock_out_dir,
+    lora_config,
     model_from_checkpoint,
     prune_checkpoints,
     save_training_state,
 )
 from configurator import (
     AT_LEAST_1,
+    AT_LEAST_1_OR_NONE,
     BELOW_ONE,
     NOT_NEGATIVE,
     POSITIVE,
@@ -56,6 +59,7 @@ from configurator import (
     parse_config,
 )
 from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
+from lora import LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
 from model import GPT, GPTConfig
@@ -134,6 +138,11 @@ class TrainConfig:
     min_lr: float = 6e-5
     lr_schedule: str = "cosine"  # after warmup: 'cosine' decay, or 'wsd' (constant, then a linear decay)
     decay_frac: float = 0.2  # wsd: the last fraction of lr_decay_iters that decays linearly to min_lr
+    # LoRA (docs/lora.md): train low-rank adapters on a loaded model's matrices, the base frozen
+    lora_rank: int | None = None  # the adapters' rank; None = no LoRA, train every weight
+    lora_alpha: float = 32.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "q,k,v,o,gate,up,down"  # the matrices to adapt: attention's and the MLP's
     # parallelism (under torchrun) and memory
     parallelism: str = "ddp"  # 'ddp': each process holds the whole model; 'fsdp': shard it over them
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
@@ -177,6 +186,7 @@ class Run:
     lock: BinaryIO | None  # held open: the lock on out_dir lasts as long as the run
     local_steps: int  # micro-steps per iteration in this process
     resumed: bool  # continuing the run in out_dir
+    lora: dict | None  # LoRA's settings and the base's fingerprint (the checkpoint's entry), or None
     iter_num: int = 0
     best_val_loss: float = float("inf")
 
@@ -351,6 +361,7 @@ def save(run: Run) -> None:
         "config": asdict(run.cfg),
         "tokenizer": tokenizer_entry(run.meta),
         "scaler": run.scaler.state_dict(),
+        "lora": run.lora,
     }
     print0(f"saving checkpoint to {out_dir} (iter {run.iter_num})")
     save_training_state(run.raw_model, run.optimizers, meta, out_dir, sharded=run.cfg.parallelism == "fsdp")
@@ -459,6 +470,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     check_data_fits(data_dir, meta, cfg.block_size)  # before building a model of that length
     raw_model, checkpoint, cfg = init_model(cfg, meta, device)
     check_data_fits(data_dir, meta, cfg.block_size)  # a loaded model brings its own
+    lora = setup_lora(cfg, raw_model, checkpoint, dtype)  # before DDP and the optimizers: what trains
     model, train_model = parallelize(raw_model, cfg, device, dtype)
     optimizers = new_optimizers(raw_model, cfg, device)  # after sharding: they update its shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -488,6 +500,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         stop_group=stop_group,
         local_steps=cfg.gradient_accumulation_steps // world()[1],
         resumed=resumed,
+        lora=lora,
         iter_num=iter_num,
         best_val_loss=best_val_loss,
     )
@@ -556,7 +569,7 @@ def init_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[GPT,
     checkpoint = load_checkpoint(path)
     if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
         checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint, keep_lora=cfg.init_from == "resume")
     loaded = model.config
     changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
     if changed and cfg.init_from == "resume" and not cfg.eval_only:
@@ -574,6 +587,42 @@ def init_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[GPT,
             f"({loaded.vocab_size:,}) in {path}: the data was prepared with another tokenizer"
         )
     return model, checkpoint, replace(cfg, **changed)
+
+
+def lora_settings(cfg: TrainConfig) -> LoRAConfig | None:
+    if cfg.lora_rank is None:
+        return None
+    targets = tuple(target.strip() for target in cfg.lora_targets.split(","))
+    try:
+        return LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def setup_lora(cfg: TrainConfig, model: GPT, checkpoint: dict | None, dtype: torch.dtype) -> dict | None:
+    """With lora_rank: freeze model and give it adapters (a resumed run's own came with it), its base held
+    in the run's dtype. Returns the checkpoint's lora entry: the settings and the base's fingerprint."""
+    wanted = lora_settings(cfg)
+    saved = checkpoint.get("lora") if cfg.init_from == "resume" else None
+    if cfg.init_from == "resume" and wanted != (saved and lora_config(saved)):
+        had = f"LoRA {lora_config(saved)}" if saved else "no LoRA"
+        raise ConfigError(
+            f"the run in {cfg.out_dir} was trained with {had}: resume it with its own lora_* settings "
+            f"(config.json holds them), or start a new run from its weights: --init_from={cfg.out_dir}"
+        )
+    if wanted is None:
+        return None
+    if saved is None:
+        try:
+            add_lora(model, wanted)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    cast_base(model, dtype)
+    entry = {**asdict(wanted), "base_fingerprint": base_fingerprint(model)}
+    if saved:  # a base saved in float32 would be rounded by a 16-bit dtype: another base
+        stored = str(checkpoint["model"]["tok_embeddings.weight"].dtype).removeprefix("torch.")
+        check_lora_base(model, saved, f"its base was saved in {stored}; resume with --dtype={stored}")
+    return entry
 
 
 def check_model_fits(config: GPTConfig, cfg: TrainConfig, device: torch.device) -> None:
@@ -729,6 +778,8 @@ def print_setup(run: Run, dtype: torch.dtype) -> None:
     layout = cfg.parallelism if world_size > 1 else "one process"
     if cfg.parallelism == "fsdp" and world_size == 1:
         layout = "fsdp in one process, the sharded code path: it saves no memory"
+    if run.lora:
+        print0(lora_summary(run))
     print0(memory_per_process(run, layout))
     if run.resumed:
         print0(f"resumed from iter {run.iter_num} of the checkpoint in {cfg.out_dir}")
@@ -743,14 +794,35 @@ def memory_per_process(run: Run, layout: str) -> str:
         return sum(p.numel() * p.element_size() for p in local) / 2**20
 
     weights = mib(run.raw_model.parameters())
+    gradients = mib(p for p in run.raw_model.parameters() if p.requires_grad)  # LoRA: the adapters' only
     state = sum(
         (2 if isinstance(optimizer, torch.optim.AdamW) else 1)
         * mib(p for g in optimizer.param_groups for p in g["params"])
         for optimizer in run.optimizers
     )
     return (
-        f"memory per process ({layout}): parameters {weights:.4g} MiB, gradients {weights:.4g} MiB, "
-        f"optimizer state {state:.4g} MiB, {2 * weights + state:.4g} MiB in all"
+        f"memory per process ({layout}): parameters {weights:.4g} MiB, gradients {gradients:.4g} MiB, "
+        f"optimizer state {state:.4g} MiB, {weights + gradients + state:.4g} MiB in all"
+    )
+
+
+def lora_summary(run: Run) -> str:
+    """LoRA's line: its settings, and the parameters trained (the adapters) and frozen, with dtypes."""
+    trained, frozen = {}, {}
+    for name, p in run.raw_model.named_parameters():
+        side = trained if is_adapter(name) else frozen
+        side[p.dtype] = side.get(p.dtype, 0) + p.numel()
+
+    def count(side: dict) -> str:
+        return ", ".join(
+            f"{n / 1e6:.3g}M in {str(dtype).removeprefix('torch.')}" for dtype, n in side.items()
+        )
+
+    lora = run.lora
+    return (
+        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on "
+        f"{','.join(lora['targets'])}: trains {count(trained)} (AdamW), {count(frozen)} frozen; "
+        f"base fingerprint {lora['base_fingerprint']}"
     )
 
 
@@ -772,7 +844,9 @@ def check_config(cfg: TrainConfig) -> None:
     rules |= {"seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")}
     rules |= {"optimizer": one_of("adamw", "muon"), "lr_schedule": one_of("cosine", "wsd")}
     rules |= {"decay_frac": (lambda v: 0 < v <= 1, "must be in (0, 1]")}
+    rules |= {"lora_rank": AT_LEAST_1_OR_NONE, "lora_alpha": POSITIVE, "lora_dropout": BELOW_ONE}
     check_values(cfg, rules)
+    check_lora(cfg)
     task_names(cfg.eval_tasks)  # an unknown task stops the run before it starts
     if cfg.parallelism not in ("ddp", "fsdp"):
         raise ConfigError(f"parallelism must be 'ddp' or 'fsdp', got {cfg.parallelism!r}")
@@ -787,6 +861,23 @@ def check_config(cfg: TrainConfig) -> None:
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir!r} exists and is not a directory: choose another out_dir")
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """What LoRA cannot be combined with (lora_settings checks the settings themselves)."""
+    if lora_settings(cfg) is None:
+        return
+    if cfg.init_from == "scratch":
+        raise ConfigError(
+            "lora_rank: LoRA adapts a trained model, and a from-scratch one has nothing worth freezing; "
+            "start from a checkpoint (--init_from=DIR, e.g. one convert.py imported), or drop lora_rank"
+        )
+    if cfg.parallelism == "fsdp":
+        raise ConfigError(
+            "lora_rank: LoRA runs with parallelism='ddp' (every process holds the 16-bit base), not 'fsdp'"
+        )
+    if cfg.optimizer != "adamw":
+        raise ConfigError("lora_rank: the adapters train with AdamW; set optimizer='adamw'")
 
 
 def fit_to_processes(cfg: TrainConfig, world_size: int) -> TrainConfig:

@@ -86,3 +86,15 @@ def test_peak_is_measured_with_a_matmul_large_enough_for_a_datacenter_gpu():
     small = bench.PRESETS["small"]
     assert bench.peak_matmul_size(small, torch.device("cuda", 0)) >= 8192
     assert bench.peak_matmul_size(small, torch.device("cpu")) == small.matmul_size  # a CPU: a minute's work
+
+
+def test_bench_lora_measures_memory_of_lora_against_full_fine_tuning(tmp_path, one_thread):
+    out = tmp_path / "lora.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--preset", "tiny", "--device", "cpu", "--lora", "--json", str(out)])
+    assert exit_info.value.code == 0
+    lora, full = (json.loads(out.read_text())["lora_memory"][k] for k in ("lora", "full"))
+    for key in ("trained_params", "gradient_bytes", "optimizer_state_bytes"):
+        assert 0 < lora[key] < full[key]
+    assert lora["optimizer_state_bytes"] == 2 * lora["gradient_bytes"]  # AdamW's two moments, float32
+    assert lora["weight_bytes"] > full["weight_bytes"]  # float32 on a CPU: the adapters come on top
