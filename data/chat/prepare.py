@@ -55,6 +55,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--val_fraction", type=float, default=0.05)
     parser.add_argument("--max_tokens", type=int, default=4096, help="drop conversations longer than this")
+    parser.add_argument(
+        "--learn",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="the tokens the loss is on: the assistant's replies, or (to compare against) every token",
+    )
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
@@ -86,12 +92,15 @@ def main() -> None:
         raise DataError(f"{len(conversations)} conversation(s) cannot be split into train and val: give more")
     splits = {"train": conversations[:-n_val], "val": conversations[-n_val:]}
     meta = {**entry, "vocab_size": tokenizer.vocab_size, "chat": True, "end_of_turn": chat.end_of_turn}
+    meta["learn"] = args.learn
     counts = {}
     with TokenSetWriter(args.out_dir, dtype_for_vocab(tokenizer.vocab_size), chat=True) as writer:
         for split, items in splits.items():
             kept = learned = 0
             for n, messages in enumerate(items, 1):
                 ids, mask = chat.encode(messages, f"{split} conversation {n}")
+                if args.learn == "all":  # every token but the first, which nothing predicts
+                    mask = [0] + [1] * (len(ids) - 1)
                 if len(ids) <= args.max_tokens:
                     writer.write(split, ids, mask)
                     kept, learned = kept + 1, learned + sum(mask)
