@@ -30,11 +30,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint
 from configurator import read_config_file
+from dataset import ChatRows, load_meta
 from generate import (
     COMPILE_MIN_TOKENS,
     compile_decode_step,
@@ -231,6 +233,51 @@ def train_step_fns(
         opt_peer.zero_grad(set_to_none=True)
 
     return ours, peer_step
+
+
+def bench_chat_packing(
+    data_dir: Path, shape: dict, block_size: int, batch_size: int, steps: int, device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> dict:  # fmt: skip
+    """Chat rows packed against one conversation per row, on steps batches of data_dir's train split:
+    the fraction of row positions holding a learned target and holding a conversation's token at all,
+    and learned tokens trained per second (forward + backward + AdamW of a model of shape)."""
+    meta = load_meta(Path(data_dir))
+    if not meta.get("chat"):
+        raise UserError(f"{data_dir} is not a chat set: prepare one with data/chat/prepare.py")
+    torch.manual_seed(0)
+    config = GPTConfig(**{**shape, "vocab_size": meta["vocab_size"], "block_size": block_size})
+    model = GPT(config).to(device)
+    (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.type)
+
+    def train_on(batches: list) -> Callable[[], None]:
+        def step() -> None:
+            for x, y, segments in batches:
+                with autocast(device, dtype):
+                    loss = model(x, y, segments=segments, reduction="sum")[1]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    results, fns = {}, []
+    for name, packed in (("packed", True), ("one per row", False)):
+        chat, rng = ChatRows(Path(data_dir), meta, "train", block_size, packed), np.random.default_rng(0)
+        rows = [chat.draw(rng) for _ in range(steps * batch_size)]
+        positions = len(rows) * block_size
+        results[name] = {
+            "learned_fraction": chat.learned(rows) / positions,
+            "real_fraction": sum(chat.positions(c) for row in rows for c in row) / positions,
+            "conversations_per_row": sum(map(len, rows)) / len(rows),
+            "learned_tokens": chat.learned(rows),
+        }
+        fns.append(
+            train_on([chat.batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)])
+        )
+    for name, seconds in zip(results, median_times(fns, 3, device, warm_up=True)):
+        results[name]["learned_tokens_per_s"] = results[name].pop("learned_tokens") / seconds
+    return results
 
 
 def generate_without_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -725,6 +772,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("MODEL_DIR", "DRAFT_DIR"),
         help="only: MODEL_DIR's checkpoint decoding plainly, with DRAFT_DIR's as its draft, by prompt lookup",
     )
+    parser.add_argument(
+        "--chat_packing",
+        metavar="DATA_DIR",
+        help="only: rows of DATA_DIR's chat set packed against one conversation per row (block: seq_len)",
+    )
     args = parser.parse_args(argv)
     # What would fail only at the end of minutes of measuring fails now.
     if args.out_dir:
@@ -749,6 +801,22 @@ def bench_everything(model: GPT, preset: Preset, out_dir: str | None, device: to
         shakespeare, n, 256, 96, device, dtype
     )
     return results
+
+
+def run_chat_packing(data_dir: str, preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
+    """--chat_packing: bench_chat_packing with the preset's model, rows of its seq_len, and a table."""
+    shape = {k: v for k, v in preset.model.items() if k not in ("vocab_size", "block_size")}
+    steps = 4 * preset.train_steps  # more rows than the timing needs: the fractions are averages
+    packing = bench_chat_packing(
+        Path(data_dir), shape, preset.seq_len, preset.batch_size, steps, device, dtype
+    )
+    print(f"rows of {preset.seq_len} positions  learned  real  conversations/row  learned tokens/s")
+    for name, r in packing.items():
+        print(
+            f"{name:<28} {r['learned_fraction']:>6.1%} {r['real_fraction']:>6.1%} "
+            f"{r['conversations_per_row']:>18.2f} {r['learned_tokens_per_s']:>17,.0f}"
+        )
+    return packing
 
 
 def bench(argv: list[str] | None) -> None:
@@ -779,7 +847,9 @@ def bench(argv: list[str] | None) -> None:
     )
     print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
 
-    if args.speculative:
+    if args.chat_packing:
+        results["chat_packing"] = run_chat_packing(args.chat_packing, preset, device, dtype)
+    elif args.speculative:
         results["speculative"] = bench_speculative(*args.speculative, preset, device, dtype)
     elif args.lora:
         results["lora_memory"] = bench_lora(preset, device, dtype)

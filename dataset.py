@@ -66,10 +66,41 @@ def load_meta(data_dir: Path) -> dict:
         if size != n_tokens * itemsize:
             found = "is missing" if size is None else f"holds {size // itemsize:,} tokens"
             raise UserError(f"{bin_path} {found} but {META_NAME} says {n_tokens:,}: {redo}")
+    if meta.get("chat"):
+        check_chat_files(data_dir, meta, path, redo)
     return meta
 
 
+def check_chat_files(data_dir: Path, meta: dict, path: Path, redo: str) -> None:
+    """A chat set's mask (a byte per token) and conversation starts (n + 1 offsets, from 0 to the token
+    count, rising): the sizes meta.json gives, and starts that cut the token file into conversations."""
+    for split in SPLITS:
+        if not isinstance(meta.get(f"{split}_conversations"), int):
+            raise UserError(f"{path} has no {split}_conversations count of a chat set: {redo}")
+        n_tokens, n_conversations = meta[f"{split}_tokens"], meta[f"{split}_conversations"]
+        for kind, count, what in (
+            ("mask", n_tokens, "mask values"),
+            ("starts", n_conversations + 1, "offsets"),
+        ):
+            bin_path = token_file(data_dir, split, kind)
+            size = bin_path.stat().st_size if bin_path.is_file() else None
+            itemsize = np.dtype(KIND_DTYPES[kind]).itemsize
+            if size != count * itemsize:
+                found = "is missing" if size is None else f"holds {size // itemsize:,} {what}"
+                raise UserError(f"{bin_path} {found} but {META_NAME} says {count:,}: {redo}")
+        starts = read_starts(data_dir, split)
+        if starts[0] != 0 or starts[-1] != n_tokens or np.any(np.diff(starts) < 1):
+            raise UserError(
+                f"{token_file(data_dir, split, 'starts')} does not cut {split}.bin's {n_tokens:,} tokens "
+                f"into conversations (offsets from 0 to the token count, rising): {redo}"
+            )
+
+
 def check_data_fits(data_dir: Path, meta: dict, block_size: int) -> None:
+    """A text split must be longer than a window; a chat set's rows hold whole conversations instead,
+    and ChatRows says how many fit."""
+    if meta.get("chat"):
+        return
     for split in SPLITS:
         n_tokens = meta[f"{split}_tokens"]
         if n_tokens <= block_size:
@@ -122,3 +153,86 @@ def get_batch(
     check_token_ids(windows, meta, data_dir, split)  # every batch's: train.bin may be too large to scan
     x, y = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
     return to_device(x, device), to_device(y, device)
+
+
+# --- chat sets ------------------------------------------------------------------------------------
+
+Row = list[int]  # the conversations of one batch row, by their index in the split
+
+
+def read_starts(data_dir: Path, split: str) -> np.ndarray:
+    """A chat split's conversation starts, then its token count: (n + 1,) int64, read into memory."""
+    return np.fromfile(token_file(data_dir, split, "starts"), dtype=np.int64)
+
+
+class ChatRows:
+    """Batch rows of whole conversations from one split of a chat set. Packed: conversations drawn one
+    after another into a row until the next drawn does not fit, padding in the rest; or one per row.
+    Packed is the default: it fills far more of each row with learned tokens (measured by
+    bench.py --chat_packing; figures in docs/training.md).
+
+    A conversation of L tokens takes L - 1 positions of a row: its tokens but the last as inputs, its
+    tokens but the first as targets, so no target crosses into the next conversation. One longer than
+    block_size + 1 tokens fits no row: it is left out of the draw and counted (left_out)."""
+
+    def __init__(self, data_dir: Path, meta: dict, split: str, block_size: int, packed: bool = True):
+        self.data_dir, self.meta, self.split = data_dir, meta, split
+        self.block_size, self.packed = block_size, packed
+        self.starts = read_starts(data_dir, split)
+        lengths = np.diff(self.starts)
+        # A one-token conversation has no target: nothing to learn, and it would take no room in a row.
+        self.fitting = np.flatnonzero((lengths >= 2) & (lengths <= block_size + 1))
+        self.left_out = int(np.sum(lengths > block_size + 1))
+
+    def positions(self, conversation: int) -> int:
+        return int(self.starts[conversation + 1] - self.starts[conversation]) - 1
+
+    def draw(self, rng: np.random.Generator) -> Row:
+        """One row's conversations, each drawn uniformly (with replacement) from those that fit."""
+        row, free = [], self.block_size
+        while True:
+            conversation = int(self.fitting[rng.integers(len(self.fitting))])
+            if self.positions(conversation) > free:
+                return row
+            row.append(conversation)
+            free -= self.positions(conversation)
+            if not self.packed:
+                return row
+
+    def in_order(self) -> list[Row]:
+        """Every conversation that fits, once and in order, in rows as draw() fills them: the rows of an
+        evaluation over the whole split."""
+        rows, row, free = [], [], self.block_size
+        for conversation in map(int, self.fitting):
+            if row and (self.positions(conversation) > free or not self.packed):
+                rows, row, free = rows + [row], [], self.block_size
+            row.append(conversation)
+            free -= self.positions(conversation)
+        return rows + [row]
+
+    def _mask(self) -> np.memmap:
+        return np.memmap(token_file(self.data_dir, self.split, "mask"), dtype=np.uint8, mode="r")
+
+    def learned(self, rows: list[Row]) -> int:
+        """How many learned targets rows hold: a conversation's mask but its first token's."""
+        mask = self._mask()
+        return sum(int(mask[self.starts[c] + 1 : self.starts[c + 1]].sum()) for row in rows for c in row)
+
+    def batch(self, rows: list[Row], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets (-1 where not learned) and segments, each (len(rows), block_size): segment s
+        is a row's s-th conversation, and the padding after the last one is a segment of its own."""
+        tokens, mask = read_tokens(self.data_dir, self.meta, self.split), self._mask()  # anew: see get_batch
+        shape = (len(rows), self.block_size)
+        x, y, segments = np.zeros(shape, np.int64), np.full(shape, -1, np.int64), np.zeros(shape, np.int64)
+        for r, row in enumerate(rows):
+            at = 0
+            for s, c in enumerate(row):
+                start, end, n = self.starts[c], self.starts[c + 1], self.positions(c)
+                ids = tokens[start:end].astype(np.int64)
+                x[r, at : at + n] = ids[:-1]
+                y[r, at : at + n] = np.where(mask[start + 1 : end] == 1, ids[1:], -1)
+                segments[r, at : at + n] = s
+                at += n
+            segments[r, at:] = len(row)
+        check_token_ids(np.concatenate([x, y]), self.meta, self.data_dir, self.split)
+        return to_device(x, device), to_device(y, device), to_device(segments, device)

@@ -292,9 +292,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         pos: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
-        (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab), loss None.
+        """idx (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the cross-entropy over the
+        targets that are not -1: their mean, or with reduction "sum" their sum (0 where there are none).
+        Without: logits of the last position only (B, 1, vocab), loss None.
+        segments (B, T), without a cache: which packed sequence (conversation) each position belongs to;
+        a query then attends only to the keys of its own segment.
         With a cache, the keys and values of idx are stored in it: without pos, idx holds positions
         0..T-1 (a prefill); with pos, a (1,) tensor, idx continues the cached tokens from position pos
         on, each token attending to the cache, and the logits are those of every position (B, T, vocab):
@@ -305,6 +310,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         if pos is not None and cache is None:
             raise ValueError("pos is for decoding with a KV cache: the position of idx's first token")
+        if segments is not None and cache is not None:
+            raise ValueError("segments are for training and evaluation, not with a KV cache")
         x = self.tok_embeddings(idx)  # (B, T, n_embd)
         # A position tensor, not a Python int: a compiled decode step then has one graph for every position.
         positions = torch.arange(T, device=idx.device)  # (T,)
@@ -319,6 +326,13 @@ class GPT(nn.Module):
             # which its Mistral, Qwen2 and Qwen3 use.
             back = positions[:, None] - positions
             mask = (back >= 0) & (back < W)  # (T, T): True where a key is attended to
+        if segments is not None:
+            # Causal within a query's own segment only. RoPE needs no reset at a segment's start: its
+            # attention scores depend on relative positions alone, the same at any offset in the row.
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            confined = (same & causal)[:, None]  # (B, 1, T, T): broadcast over heads
+            mask = confined if mask is None else confined & mask
         for block in self.layers:
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
                 x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
@@ -328,8 +342,10 @@ class GPT(nn.Module):
         if targets is None:  # sampling needs the last position's logits only, unless it verifies a proposal
             return self.lm_head(x if pos is not None else x[:, -1:, :]), None
         logits = self.lm_head(x)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        flat_logits, flat_targets = logits.view(-1, logits.size(-1)).float(), targets.reshape(-1)
+        if reduction == "sum":  # a sum over no targets is 0, where a mean would be NaN
+            return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+        return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=-1)
 
     def param_groups(self, weight_decay: float, muon: bool) -> tuple[list[dict], list[dict]]:
         """AdamW's and Muon's parameter groups (optim.make_optimizers). AdamW decays matrices (embeddings,

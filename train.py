@@ -58,7 +58,16 @@ from configurator import (
     one_of,
     parse_config,
 )
-from dataset import check_data_fits, get_batch, load_meta, read_checked_tokens, resolve_data_dir
+from dataset import (
+    SPLITS,
+    ChatRows,
+    Row,
+    check_data_fits,
+    get_batch,
+    load_meta,
+    read_checked_tokens,
+    resolve_data_dir,
+)
 from lora import LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter
 from loss_eval import all_reduce_sum, full_val_loss
 from metrics import MetricsLog
@@ -109,6 +118,7 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-step in each process
     block_size: int = 1024  # tokens per sequence, and the model's context length
     gradient_accumulation_steps: int = 40  # micro-steps per iteration, all processes together
+    chat_packing: bool = True  # a chat set's rows: conversations packed one after another, or one per row
     # model: from scratch only; a loaded checkpoint brings its own shape
     n_layer: int = 12
     n_head: int = 12
@@ -164,6 +174,10 @@ SHAPE_KEYS = (
     *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window", "tie_embeddings"),
 )
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
+# A chat set's training rows, each drawn by its index in the global batch, so that any split of the batch
+# into micro-steps and processes sees the same rows. Not TRAIN_STREAM: row r's stream would be micro-step
+# r's, which seeds its dropout.
+CHAT_ROW_STREAM = 2
 _stop_signal = 0  # set by the SIGTERM / SIGINT handler: the run saves and stops after this iteration
 
 
@@ -176,6 +190,7 @@ class Run:
     autocast: AbstractContextManager  # bf16/fp16 autocast, or a no-op for float32
     data_dir: Path
     meta: dict  # the data set's meta.json: tokenizer, token dtype, token counts
+    chat: dict[str, ChatRows] | None  # a chat set's rows of each split; None for a text set
     raw_model: GPT  # the plain module: its state_dict loads without compile or DDP
     model: torch.nn.Module  # raw_model, compiled if asked: evaluation calls this
     train_model: torch.nn.Module  # model, in DDP when there are several processes: training calls this
@@ -268,18 +283,20 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     cfg, rank = run.cfg, world()[0]
     for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
         group["lr"] = lr * group["lr_scale"]
+    chat = None
+    if run.chat:  # every process draws every global row: the learned-token count needs no collective
+        rows = draw_chat_rows(run, "train", CHAT_ROW_STREAM, run.iter_num, cfg.gradient_accumulation_steps)
+        chat = (rows, run.chat["train"].learned(rows))
     loss_sum = torch.zeros((), device=run.device)
     for micro_step in range(run.local_steps):
-        rng = np.random.default_rng(
-            [cfg.seed, TRAIN_STREAM, run.iter_num, rank * run.local_steps + micro_step]
-        )
+        step = rank * run.local_steps + micro_step  # the micro-step's index in the global batch
+        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, run.iter_num, step])
         torch.manual_seed(int(rng.integers(2**62)))  # this micro-step's dropout masks
-        x, y = get_batch(run.data_dir, run.meta, "train", rng, cfg.batch_size, cfg.block_size, run.device)
         # Gradients are averaged across processes only in the last micro-step's backward.
         sync_now = micro_step == run.local_steps - 1 or not isinstance(run.train_model, DDP)
         with nullcontext() if sync_now else run.train_model.no_sync():
             with run.autocast:
-                loss = run.train_model(x, y)[1]  # not holding the logits frees them before backward
+                loss = micro_step_loss(run, rng, step, chat)
             run.scaler.scale(loss / run.local_steps).backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
@@ -291,6 +308,40 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
     run.scaler.update()
     return loss_sum
+
+
+def micro_step_loss(
+    run: Run, rng: np.random.Generator, step: int, chat: tuple[list[Row], int] | None
+) -> torch.Tensor:
+    """The loss of global micro-step `step` of G: a text batch's mean (its windows drawn from rng). A
+    chat batch's is the sum over its learned tokens times G / N, chat being (every global row, N their
+    learned tokens): so the mean over the G micro-steps, which the backward and DDP's gradient averaging
+    take, is the global batch's sum over N, and every learned token weighs the same however the batch
+    is split into micro-steps and processes (a mean per micro-step would weigh a short reply's more)."""
+    cfg = run.cfg
+    if chat is None:
+        x, y = get_batch(run.data_dir, run.meta, "train", rng, cfg.batch_size, cfg.block_size, run.device)
+        return run.train_model(x, y)[1]  # not holding the logits frees them before backward
+    rows, n_learned = chat
+    mine = rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+    loss_sum = chat_loss_sum(run.train_model, run.chat["train"], mine, run.device)
+    return loss_sum * (cfg.gradient_accumulation_steps / max(n_learned, 1))  # no learned token: 0, not NaN
+
+
+def draw_chat_rows(run: Run, split: str, stream: int, key: int, n_batches: int) -> list[Row]:
+    """The conversations of n_batches batches' rows, row r from the random stream (seed, stream, key, r)."""
+    n_rows = n_batches * run.cfg.batch_size
+    return [
+        run.chat[split].draw(np.random.default_rng([run.cfg.seed, stream, key, r])) for r in range(n_rows)
+    ]
+
+
+def chat_loss_sum(
+    model: torch.nn.Module, chat: ChatRows, rows: list[Row], device: torch.device
+) -> torch.Tensor:
+    """The loss summed over the learned tokens of rows, each attending only to its own conversation."""
+    x, y, segments = chat.batch(rows, device)
+    return model(x, y, segments=segments, reduction="sum")[1]
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -385,27 +436,40 @@ def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> 
 
 @torch.no_grad()
 def estimate_loss(run: Run) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split, shared out among the processes. The batches
+    """Mean loss over eval_iters batches of each split, shared out among the processes: of a text set
+    the mean of the batches' means, of a chat set the mean over all their learned tokens. The batches
     are the same at every evaluation, so successive evaluations differ only by the model."""
     cfg, (rank, world_size) = run.cfg, world()
     run.model.eval()
     losses = {}
-    for split_index, split in enumerate(("train", "val")):
+    for split_index, split in enumerate(SPLITS):
         total = torch.zeros((), device=run.device)
+        rows = draw_chat_rows(run, split, EVAL_STREAM, split_index, cfg.eval_iters) if run.chat else None
         # Every process runs as many batches (a sharded model's forward is collective); a stop signal
         # ends them all at the same batch, and the caller discards the evaluation.
         for k in range(rank, math.ceil(cfg.eval_iters / world_size) * world_size, world_size):
             if agreed_stop_signal(run.stop_group):
                 break
-            rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
-            x, y = get_batch(run.data_dir, run.meta, split, rng, cfg.batch_size, cfg.block_size, run.device)
             with run.autocast:
-                _, loss = run.model(x, y)
+                loss = eval_batch_loss(run, split, split_index, k, rows)
             if k < cfg.eval_iters:  # the others only keep the processes in step
                 total += loss.float()
-        losses[split] = all_reduce_sum(total).item() / cfg.eval_iters
+        count = cfg.eval_iters if rows is None else max(run.chat[split].learned(rows), 1)
+        losses[split] = all_reduce_sum(total).item() / count
     run.model.train()
     return losses
+
+
+def eval_batch_loss(run: Run, split: str, split_index: int, k: int, rows: list[Row] | None) -> torch.Tensor:
+    """Evaluation batch k of split: a text batch's mean loss, or the loss sum over the learned tokens of
+    a chat batch, its rows from rows (past eval_iters, a repeat that only keeps the processes in step)."""
+    cfg = run.cfg
+    if rows is None:
+        rng = np.random.default_rng([cfg.seed, EVAL_STREAM, split_index, k])
+        x, y = get_batch(run.data_dir, run.meta, split, rng, cfg.batch_size, cfg.block_size, run.device)
+        return run.model(x, y)[1]
+    first = (k % cfg.eval_iters) * cfg.batch_size
+    return chat_loss_sum(run.model, run.chat[split], rows[first : first + cfg.batch_size], run.device)
 
 
 def evaluate(run: Run) -> float | None:
@@ -428,22 +492,43 @@ def evaluate(run: Run) -> float | None:
 
 
 def evaluate_full(run: Run) -> float | None:
-    """The loss over the whole val split, every token once: the number to compare runs by."""
+    """The loss over the whole val split, every token once (of a chat set: every learned token of the
+    conversations that fit): the number to compare runs by."""
     t0, cfg = time.time(), run.cfg
-    loss = full_val_loss(
-        run.model,
-        read_checked_tokens(run.data_dir, run.meta, "val"),
-        cfg.block_size,
-        cfg.batch_size,
-        run.device,
-        run.autocast,
-        should_stop=lambda: bool(agreed_stop_signal(run.stop_group)),
-    )
+    should_stop = lambda: bool(agreed_stop_signal(run.stop_group))  # noqa: E731
+    if run.chat:
+        loss, what = chat_full_val_loss(run, should_stop), "every learned val token once"
+    else:
+        tokens = read_checked_tokens(run.data_dir, run.meta, "val")
+        loss = full_val_loss(
+            run.model, tokens, cfg.block_size, cfg.batch_size, run.device, run.autocast, should_stop
+        )
+        what = "every val token once"
     if agreed_stop_signal(run.stop_group):  # cut short: not a result
         return None
-    print0(f"iter {run.iter_num}: full val loss {loss:.4f} (every val token once, {time.time() - t0:.1f}s)")
+    print0(f"iter {run.iter_num}: full val loss {loss:.4f} ({what}, {time.time() - t0:.1f}s)")
     run.metrics.write({"iter": run.iter_num, "val_loss_full": loss})
     return loss
+
+
+@torch.no_grad()
+def chat_full_val_loss(run: Run, should_stop: Callable[[], bool]) -> float:
+    """The mean loss over the learned tokens of every val conversation that fits, each once, in rows
+    packed in order and shared out among the processes as full_val_loss shares windows (every process
+    runs as many batches; the last ones are filled with empty rows, all padding, so one shape serves)."""
+    chat, batch_size, (rank, world_size) = run.chat["val"], run.cfg.batch_size, world()
+    rows = chat.in_order()
+    step = world_size * batch_size
+    run.model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    for first in range(rank * batch_size, math.ceil(len(rows) / step) * step, step):
+        if should_stop():
+            break
+        batch = (rows[first : first + batch_size] + [[]] * batch_size)[:batch_size]
+        with run.autocast:
+            total += chat_loss_sum(run.model, chat, batch, run.device).double()
+    run.model.train()
+    return all_reduce_sum(total).item() / max(chat.learned(rows), 1)
 
 
 def evaluate_only(run: Run) -> int:
@@ -471,6 +556,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     raw_model, checkpoint, cfg = init_model(cfg, meta, device)
     check_data_fits(data_dir, meta, cfg.block_size)  # a loaded model brings its own
     lora = setup_lora(cfg, raw_model, checkpoint, dtype)  # before DDP and the optimizers: what trains
+    chat = chat_rows(data_dir, meta, cfg) if meta.get("chat") else None
     model, train_model = parallelize(raw_model, cfg, device, dtype)
     optimizers = new_optimizers(raw_model, cfg, device)  # after sharding: they update its shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -490,6 +576,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         autocast=autocast(device, dtype) if cfg.parallelism != "fsdp" else nullcontext(),
         data_dir=data_dir,
         meta=meta,
+        chat=chat,
         raw_model=raw_model,
         model=model,
         train_model=train_model,
@@ -508,6 +595,27 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         write_run_files(cfg, meta)
     print_setup(run, dtype)
     return run
+
+
+def chat_rows(data_dir: Path, meta: dict, cfg: TrainConfig) -> dict[str, ChatRows]:
+    """Each split's rows of a chat set. Says how many conversations fit a row and how many, longer than
+    block_size + 1 tokens, are left out; refuses a split where none fits."""
+    chat = {split: ChatRows(data_dir, meta, split, cfg.block_size, cfg.chat_packing) for split in SPLITS}
+    for split, rows in chat.items():
+        if not len(rows.fitting):
+            raise UserError(
+                f"no {split} conversation of {data_dir} fits a row of block_size {cfg.block_size} (a row "
+                f"holds {cfg.block_size + 1} tokens): raise block_size, or prepare shorter conversations"
+            )
+    counts = ", ".join(
+        f"{split} {len(rows.fitting):,} ({rows.left_out:,} left out)" for split, rows in chat.items()
+    )
+    layout = "packed" if cfg.chat_packing else "one per row"
+    print0(
+        f"chat set: conversations {counts}, left out as longer than block_size + 1 = {cfg.block_size + 1} "
+        f"tokens; rows of whole conversations, {layout}, the loss on learned tokens only"
+    )
+    return chat
 
 
 def records_to_keep(cfg: TrainConfig, resumed: bool, iter_num: int) -> Callable[[dict], bool] | None:
