@@ -87,7 +87,7 @@ from runtime import (
     processes,
     world,
 )
-from tasks import score_task, task_names
+from tasks import ChatTaskOptions, score_task, task_names
 from tokenizer import copy_hf_tokenizer, get_tokenizer, tokenizer_entry
 
 RUN_CONFIG_NAME = "config.json"  # the run's resolved config, what --init_from=resume restores
@@ -479,7 +479,8 @@ def evaluate(run: Run) -> float | None:
     if cfg.eval_tasks:  # the raw model: every batch of choices has its own length, too many to compile
         tokenizer, args = get_tokenizer(run.meta), (cfg.eval_task_examples, cfg.batch_size, run.device)
         for name in task_names(cfg.eval_tasks):  # draws no random numbers
-            scores |= score_task(run.raw_model, tokenizer, name, *args, run.autocast)[0]
+            chat = ChatTaskOptions(template=run.meta.get("chat_template"))  # the set's, if prepare had one
+            scores |= score_task(run.raw_model, tokenizer, name, *args, run.autocast, chat)[0]
     if agreed_stop_signal(run.stop_group):
         return None
     shown = "".join(f", {name} {value:.4f}" for name, value in scores.items())
