@@ -493,16 +493,7 @@ def export_hf(
     dtype = dtype or state_dict["tok_embeddings.weight"].dtype  # a LoRA run's: its base's
     state_dict = model.state_dict() if merge else state_dict  # merged in float32
     config_json = hf_config(config, dtype)  # first: it refuses what no family represents
-    entry = tokenizer_entry_in(checkpoint, found) if checkpoint.get("tokenizer") else {}
-    tokenizer, note = None, "none: the checkpoint records none"
-    if entry:
-        try:  # before any file is written: an export without the tokenizer it records is not one
-            tokenizer = get_tokenizer(entry)
-        except (KeyError, ValueError) as e:
-            raise ConvertError(
-                f"the checkpoint's tokenizer entry is unusable ({type(e).__name__}: {e})"
-            ) from e
-        note = f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
+    entry, tokenizer, note = export_tokenizer(checkpoint, found)  # before any file is written
     chat = export_chat_format(entry, tokenizer)
     hf_dir.mkdir(parents=True, exist_ok=True)
     write_safetensors(to_hf(state_dict, config, dtype), hf_dir / "model.safetensors")
@@ -522,6 +513,19 @@ def export_hf(
         f"exported {out_dir} -> {hf_dir} ({config_json['architectures'][0]}, "
         f"{str(dtype).removeprefix('torch.')}); tokenizer: {note}"
     )
+
+
+def export_tokenizer(checkpoint: dict, found: Path) -> tuple[dict, Tokenizer | None, str]:
+    """The checkpoint's tokenizer entry, the tokenizer it names (None without one) and a note for the
+    summary line. An export without the tokenizer its checkpoint records is not one: refused."""
+    entry = tokenizer_entry_in(checkpoint, found) if checkpoint.get("tokenizer") else {}
+    if not entry:
+        return entry, None, "none: the checkpoint records none"
+    try:
+        tokenizer = get_tokenizer(entry)
+    except (KeyError, ValueError) as e:
+        raise ConvertError(f"the checkpoint's tokenizer entry is unusable ({type(e).__name__}: {e})") from e
+    return entry, tokenizer, f"{entry['tokenizer']}, for AutoTokenizer.from_pretrained"
 
 
 def export_chat_format(entry: dict, tokenizer: Tokenizer | None) -> ChatFormat | None:

@@ -318,21 +318,7 @@ class GPT(nn.Module):
         positions = positions if pos is None else pos + positions
         rope_cos = self.rope_cos[positions, None]  # (T, 1, head_dim): broadcast over heads
         rope_sin = self.rope_sin[positions, None]
-        W = self.config.sliding_window
-        # The cache's slots and mask are computed once here rather than in every layer: a step is short.
-        mask = None if cache is None else cache.begin(positions, decoding=pos is not None, window=W)
-        if mask is None and W is not None and T > W:  # T <= W is plain causal attention
-            # Query i sees key j iff i - W < j <= i: transformers' sliding_window_overlay (masking_utils),
-            # which its Mistral, Qwen2 and Qwen3 use.
-            back = positions[:, None] - positions
-            mask = (back >= 0) & (back < W)  # (T, T): True where a key is attended to
-        if segments is not None:
-            # Causal within a query's own segment only. RoPE needs no reset at a segment's start: its
-            # attention scores depend on relative positions alone, the same at any offset in the row.
-            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-            confined = (same & causal)[:, None]  # (B, 1, T, T): broadcast over heads
-            mask = confined if mask is None else confined & mask
+        mask = self.attention_mask(positions, cache, pos is not None, segments)
         for block in self.layers:
             if self.activation_checkpointing and self.training:  # keep only x; recompute the rest in backward
                 x = checkpoint(block, x, rope_cos, rope_sin, mask, use_reentrant=False)
@@ -342,10 +328,31 @@ class GPT(nn.Module):
         if targets is None:  # sampling needs the last position's logits only, unless it verifies a proposal
             return self.lm_head(x if pos is not None else x[:, -1:, :]), None
         logits = self.lm_head(x)  # (B, T, vocab)
-        flat_logits, flat_targets = logits.view(-1, logits.size(-1)).float(), targets.reshape(-1)
-        if reduction == "sum":  # a sum over no targets is 0, where a mean would be NaN
-            return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
-        return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=-1)
+        flat_logits = logits.view(-1, logits.size(-1)).float()
+        # A sum over no targets is 0, where a mean would be NaN.
+        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return logits, loss
+
+    def attention_mask(
+        self, positions: torch.Tensor, cache: KVCache | None, decoding: bool, segments: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """True where a query attends to a key, or None for plain causal attention. positions (T,)."""
+        W, T = self.config.sliding_window, positions.size(0)
+        # The cache's slots and mask are computed once here rather than in every layer: a step is short.
+        mask = None if cache is None else cache.begin(positions, decoding=decoding, window=W)
+        if mask is None and W is not None and T > W:  # T <= W is plain causal attention
+            # Query i sees key j iff i - W < j <= i: transformers' sliding_window_overlay (masking_utils),
+            # which its Mistral, Qwen2 and Qwen3 use.
+            back = positions[:, None] - positions
+            mask = (back >= 0) & (back < W)  # (T, T)
+        if segments is not None:
+            # Causal within a query's own segment only. RoPE needs no reset at a segment's start: its
+            # attention scores depend on relative positions alone, the same at any offset in the row.
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()  # (T, T)
+            confined = (same & causal)[:, None]  # (B, 1, T, T): broadcast over heads
+            mask = confined if mask is None else confined & mask
+        return mask
 
     def param_groups(self, weight_decay: float, muon: bool) -> tuple[list[dict], list[dict]]:
         """AdamW's and Muon's parameter groups (optim.make_optimizers). AdamW decays matrices (embeddings,

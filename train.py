@@ -570,7 +570,6 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
     if resumed and lock is not None:  # what it replaced goes only now that it has loaded
         prune_checkpoints(Path(cfg.out_dir), keep=find_checkpoint(cfg.out_dir))
     # A sharded model computes in its mixed-precision policy's dtype; autocast is for the others.
-    keep = records_to_keep(cfg, resumed, iter_num)
     run = Run(
         cfg=cfg,
         device=device,
@@ -583,7 +582,7 @@ def setup(cfg: TrainConfig, device: torch.device, stop_group: dist.ProcessGroup 
         train_model=train_model,
         optimizers=optimizers,
         scaler=scaler,
-        metrics=open_metrics(cfg, keep),
+        metrics=open_metrics(cfg, records_to_keep(cfg, resumed, iter_num)),
         lock=lock,
         stop_group=stop_group,
         local_steps=cfg.gradient_accumulation_steps // world()[1],
