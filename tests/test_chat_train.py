@@ -234,3 +234,16 @@ def test_a_batch_with_no_learned_token_sums_to_zero_not_nan():
     loss = model(x, torch.full((2, 8), -1), segments=segments, reduction="sum")[1]
     loss.backward()
     assert loss.item() == 0 and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_lora_fine_tunes_on_a_chat_set_changing_only_the_adapters(chat_set, tmp_path):
+    """LoRA (lora.py) on a chat set: the adapters ride on forward hooks, whatever forward's arguments
+    (segments, the summed loss); the base stays bit-identical and the loss on the replies falls."""
+    run_train(tmp_path / "base", chat_set, "--max_iters=2")
+    flags = ("--optimizer=adamw", "--lora_rank=4", "--max_iters=8", "--learning_rate=1e-2")
+    run_train(tmp_path / "lora", chat_set, f"--init_from={tmp_path / 'base'}", *flags)
+    base, tuned = weights(tmp_path / "base"), weights(tmp_path / "lora")
+    assert all(torch.equal(tuned[name], tensor) for name, tensor in base.items())
+    assert any(".lora." in name for name in tuned)
+    loss = losses(tmp_path / "lora")
+    assert loss[8] < loss[1]
