@@ -26,6 +26,7 @@ from chat_fixtures import (
 from trl import SFTConfig, SFTTrainer
 
 import convert
+import sample
 import train
 from chat import ChatFormat
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
@@ -250,3 +251,38 @@ def test_fine_tuning_teaches_the_held_out_reversal_task_better_than_a_loss_on_ev
         assert exit_info.value.code == 0
         scores[learn] = exact_match(tmp_path / ("out-" + learn), tmp_path / "test.jsonl")
     assert scores["assistant"] >= 0.5 and scores["all"] < scores["assistant"] - 0.3, scores  # 0.84 and 0.02
+
+
+def test_the_readme_recipe_from_an_imported_model_to_its_chat_export(tmp_path):
+    """README's chat fine-tuning steps on a tiny random Qwen3 with the ChatML test tokenizer: import,
+    prepare, fine-tune from the imported weights, one chat message, export; transformers then renders
+    the export's template as ours and stops generate at its end-of-turn token."""
+    save_chat_tokenizer(tmp_path / "hf", "qwen3")
+    hf_model("qwen3").save_pretrained(tmp_path / "hf")
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.import_hf(tmp_path / "hf", tmp_path / "out-qwen3", block_size=256)
+    source = write_jsonl(tmp_path / "c.jsonl", conversations(30))
+    run_script(
+        REPO / "data" / "chat" / "prepare.py",
+        f"--input={source}",
+        f"--tokenizer={tmp_path / 'out-qwen3'}",
+        f"--out_dir={tmp_path / 'chat'}",
+    )
+    flags = ["--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--batch_size=2", "--learning_rate=1e-3"]
+    argv = [f"--init_from={tmp_path / 'out-qwen3'}", f"--data_dir={tmp_path / 'chat'}"]
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, f"--out_dir={tmp_path / 'tuned'}", *flags, "--gradient_accumulation_steps=1"])
+    assert exit_info.value.code == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        sample.main([f"--out_dir={tmp_path / 'tuned'}", "--chat", "--start=hi", "--max_new_tokens=4"])
+    assert exit_info.value.code == 0 and out.getvalue().strip()
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert.export_hf(tmp_path / "tuned", tmp_path / "hf-chat")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-chat")
+    messages = conversations(1, seed=5)[0]
+    assert exported.apply_chat_template(messages, tokenize=False) == exported.apply_chat_template(
+        messages, tokenize=False, chat_template=CHATML
+    )
+    generation = json.loads((tmp_path / "hf-chat" / "generation_config.json").read_text())
+    assert exported.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
