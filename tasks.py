@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from chat import ChatFormat, Messages, read_conversations, reply_tokens
 from data.common import download
 from generate import generate_tokens
+from loss_eval import all_reduce_sum
 from model import GPT
 from runtime import ConfigError, UserError, world
 from tokenizer import Tokenizer
@@ -266,9 +267,7 @@ def accuracy(
         per_char = [score / len(choice) for score, choice in zip(scores, example.choices)]
         right += best(scores) == example.label
         right_norm += best(per_char) == example.label
-    hits = torch.tensor([right, right_norm], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(hits)
+    hits = all_reduce_sum(torch.tensor([right, right_norm], device=device))
     acc, acc_norm = (count / len(examples) for count in hits.tolist())
     return {"acc": acc, "acc_norm": acc_norm}
 
@@ -379,7 +378,5 @@ def exact_match(
             reply, answer = reply.strip().casefold(), answer.strip().casefold()
         right += reply == answer
     model.train(was_training)
-    hits = torch.tensor([right], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(hits)
+    hits = all_reduce_sum(torch.tensor([right], device=device))
     return {"exact_match": hits.item() / len(examples)}
