@@ -31,19 +31,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lora import LoRAConfig, add_lora, base_fingerprint, merge_lora
+from lora import add_lora, check_lora_base, lora_config, merge_lora
 from model import GPT, GPTConfig
-from runtime import PathLike, UserError, atomic_write, fsync_dir, os_error_behind, world
+from runtime import (
+    CheckpointError,
+    ConfigError,
+    PathLike,
+    UserError,
+    atomic_write,
+    fsync_dir,
+    os_error_behind,
+    world,
+)
 from tokenizer import Tokenizer, get_tokenizer, has_hf_tokenizer
 
 CKPT_NAME = "ckpt.pt"
 LATEST_SHARDED = "ckpt.latest"  # names the current sharded checkpoint folder
 SHARDED_META = "meta.pt"
 TOKENIZER_DIR = "tokenizer"  # in out_dir: a copy of a Hugging Face tokenizer's files (import, training)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or inconsistent; the message says which and why."""
 
 
 def save_checkpoint(checkpoint: dict, path: PathLike) -> None:
@@ -104,6 +109,33 @@ def load_optimizer_state(
     ):  # this run's lr_scale (muon_lr), not the saved one
         for group, scale in zip(optimizer.param_groups, group_scales):
             group["lr_scale"] = scale
+
+
+def restore_training_state(
+    checkpoint: dict,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler,
+    out_dir: str,
+    optimizer: str,
+) -> float:
+    """Load what resuming continues besides the weights (optimizer and gradient-scaler state), whatever
+    the number of processes and sharding that wrote it; returns the run's best val loss so far."""
+    if "optimizer" not in checkpoint and "folder" not in checkpoint:
+        raise UserError(
+            f"the checkpoint in {out_dir} has no optimizer state to resume; "
+            f"start from its weights: --init_from={out_dir}"
+        )
+    saved = (checkpoint.get("config") or {}).get("optimizer", "adamw")
+    if saved != optimizer:
+        raise ConfigError(
+            f"the run in {out_dir} was trained with optimizer={saved!r}; resume it with that optimizer, "
+            f"or start a new run from its weights with optimizer={optimizer!r}: --init_from={out_dir}"
+        )
+    load_optimizer_state(checkpoint, model, optimizers)
+    if scaler.is_enabled() and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["best_val_loss"]
 
 
 def sharded_folder_named(out_dir: Path) -> Path:
@@ -231,9 +263,9 @@ def clean_state_dict(state_dict: dict) -> dict:
     return cleaned
 
 
-def model_from_checkpoint(checkpoint: dict, keep_lora: bool = False) -> GPT:
+def model_from_checkpoint(checkpoint: dict, keep_adapters: bool = False) -> GPT:
     """The checkpoint's model. A LoRA run's (train.py --lora_rank) comes with its adapters merged into
-    the base, or with keep_lora kept apart to train on, once its base is proven the one they were
+    the base, or with keep_adapters kept apart to train on, once its base is proven the one they were
     trained on."""
     lora = checkpoint.get("lora")
     try:
@@ -250,26 +282,9 @@ def model_from_checkpoint(checkpoint: dict, keep_lora: bool = False) -> GPT:
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
     if lora:
         check_lora_base(model, lora)
-        if not keep_lora:
+        if not keep_adapters:
             merge_lora(model)
     return model
-
-
-def lora_config(entry: dict) -> LoRAConfig:
-    """The adapters' settings in a checkpoint's lora entry (which also holds the base's fingerprint)."""
-    return LoRAConfig(**{key: value for key, value in entry.items() if key != "base_fingerprint"})
-
-
-def check_lora_base(model: GPT, entry: dict, hint: str = "") -> None:
-    """Refuse adapters on a base other than the one they were trained on: a fingerprint of the base's
-    weights is recorded when a LoRA run starts, and every load checks it."""
-    found = base_fingerprint(model)
-    if found != entry["base_fingerprint"]:
-        raise CheckpointError(
-            f"the base weights differ from those the LoRA adapters were trained on (fingerprint {found}, "
-            f"recorded {entry['base_fingerprint']}): "
-            + (hint or "the checkpoint was edited or damaged; use the one the LoRA run saved")
-        )
 
 
 def tokenizer_entry_of(path: PathLike) -> dict:

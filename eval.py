@@ -17,6 +17,7 @@ from chat import chat_template
 from checkpoint import load_model_and_tokenizer
 from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_config
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
+from distributed import processes
 from loss_eval import bits_per_byte
 from runtime import (
     ConfigError,
@@ -26,7 +27,6 @@ from runtime import (
     exit_on_error,
     pick_dtype,
     print0,
-    processes,
     world,
 )
 from tasks import BUILTIN_TASKS, ChatTaskOptions, score_task, task_label, task_names

@@ -1,6 +1,7 @@
 """Generation from a GPT: sampling (temperature, top-k, top-p), the decode loop over a KV cache (prefill
-once, then one token per step), the compiled decode step and when it pays, the cache's size and whether it
-fits. Apart from model.py, which holds the network only: sample.py and bench.py run it the same way.
+once, then one token per step), the compiled decode step and when it pays, the cache's size (whether it
+fits: memory.py). Apart from model.py, which holds the network only: sample.py and bench.py run it the
+same way.
 """
 
 import itertools
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from model import GPT, GPTConfig, KVCache
-from runtime import ConfigError, UserError, free_memory_bytes
+from runtime import UserError
 
 # Tokens per sample from which should_compile compiles the decode step by default: where the compile
 # repays itself for the main job's model on a 2-core CPU. Measured quietly: a compile of 3.6-8 s against
@@ -120,27 +121,6 @@ def kv_cache_length(config: GPTConfig, prompt_len: int, max_new_tokens: int, pro
     positions ahead: a rolling buffer keeps that many more, so none of them overwrites the window."""
     context_len = min(config.block_size, prompt_len + max_new_tokens)
     return min(context_len, (config.sliding_window or context_len) + proposed)
-
-
-def check_kv_cache_fits(
-    config: GPTConfig,
-    num_samples: int,
-    prompt_len: int,
-    max_new_tokens: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> None:
-    """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
-    positions = kv_cache_length(config, prompt_len, max_new_tokens)
-    per_position = 2 * config.n_layer * config.n_kv_head * config.head_dim * dtype.itemsize  # keys and values
-    needed = num_samples * positions * per_position
-    free = free_memory_bytes(device)
-    if free is not None and needed > free:
-        raise ConfigError(
-            f"num_samples={num_samples} x {positions} positions need a KV cache of "
-            f"{needed / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}; "
-            "lower num_samples or max_new_tokens"
-        )
 
 
 def should_compile(requested: bool | None, max_new_tokens: int) -> bool:

@@ -6,19 +6,26 @@ that training starts from the base exactly, and scale = alpha / rank (rsLoRA's a
 offered). q|k|v and gate|up are fused matrices in model.py; one pair per part maps one to one to PEFT's
 adapters on Hugging Face's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj.
 
+A training run meets LoRA in two calls: check_adapters refuses settings it cannot run, add_adapters
+prepares the loaded model (adapters, the frozen base in the run's dtype, the resume and fingerprint
+checks) and says what the checkpoint records of it. Every load checks the base (check_lora_base).
+
 The adapters are submodules of the layers they adapt (`layers.0.attn.wqkv.lora.A.q`), added to the
 layer's output by a forward hook: the base's state_dict keys, and model.py, stay as they are.
 """
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import AT_LEAST_1_OR_NONE, BELOW_ONE, POSITIVE, check_values
 from model import GPT, GPTConfig
+from runtime import CheckpointError, ConfigError
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -155,3 +162,117 @@ def base_fingerprint(model: GPT) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def lora_config(entry: dict) -> LoRAConfig:
+    """The adapters' settings in a checkpoint's lora entry (which also holds the base's fingerprint)."""
+    return LoRAConfig(**{key: value for key, value in entry.items() if key != "base_fingerprint"})
+
+
+def check_lora_base(model: GPT, entry: dict, hint: str = "") -> None:
+    """Refuse adapters on a base other than the one they were trained on: a fingerprint of the base's
+    weights is recorded when a LoRA run starts, and every load checks it."""
+    found = base_fingerprint(model)
+    if found != entry["base_fingerprint"]:
+        raise CheckpointError(
+            f"the base weights differ from those the LoRA adapters were trained on (fingerprint {found}, "
+            f"recorded {entry['base_fingerprint']}): "
+            + (hint or "the checkpoint was edited or damaged; use the one the LoRA run saved")
+        )
+
+
+# --- a training run's LoRA ------------------------------------------------------------------------
+
+
+class LoRARun(Protocol):
+    """The settings of a training run that LoRA reads (train.py's TrainConfig)."""
+
+    lora_rank: int | None
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    init_from: str
+    out_dir: str
+    parallelism: str
+    optimizer: str
+
+
+@dataclass
+class Adapted:
+    """What add_adapters made of a model, for the run to record and print."""
+
+    checkpoint_entries: dict  # {"lora": the settings and the base's fingerprint, or None without LoRA}
+    summary: str | None  # the start-up line: the settings, the parameters trained and frozen
+
+
+def lora_settings(run: LoRARun) -> LoRAConfig | None:
+    if run.lora_rank is None:
+        return None
+    targets = tuple(target.strip() for target in run.lora_targets.split(","))
+    try:
+        return LoRAConfig(run.lora_rank, run.lora_alpha, run.lora_dropout, targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_adapters(run: LoRARun) -> None:
+    """The settings, and what LoRA cannot be combined with, refused before any work."""
+    check_values(run, {"lora_rank": AT_LEAST_1_OR_NONE, "lora_alpha": POSITIVE, "lora_dropout": BELOW_ONE})
+    if lora_settings(run) is None:
+        return
+    if run.init_from == "scratch":
+        raise ConfigError(
+            "lora_rank: LoRA adapts a trained model, and a from-scratch one has nothing worth freezing; "
+            "start from a checkpoint (--init_from=DIR, e.g. one convert.py imported), or drop lora_rank"
+        )
+    if run.parallelism == "fsdp":
+        raise ConfigError(
+            "lora_rank: LoRA runs with parallelism='ddp' (every process holds the 16-bit base), not 'fsdp'"
+        )
+    if run.optimizer != "adamw":
+        raise ConfigError("lora_rank: the adapters train with AdamW; set optimizer='adamw'")
+
+
+def add_adapters(run: LoRARun, model: GPT, checkpoint: dict | None, dtype: torch.dtype) -> Adapted:
+    """With lora_rank: freeze model and give it adapters (a resumed run's own came with it), its base held
+    in the run's dtype. Before DDP and the optimizers, which must see what trains."""
+    wanted = lora_settings(run)
+    saved = checkpoint.get("lora") if run.init_from == "resume" else None
+    if run.init_from == "resume" and wanted != (saved and lora_config(saved)):
+        had = f"LoRA {lora_config(saved)}" if saved else "no LoRA"
+        raise ConfigError(
+            f"the run in {run.out_dir} was trained with {had}: resume it with its own lora_* settings "
+            f"(config.json holds them), or start a new run from its weights: --init_from={run.out_dir}"
+        )
+    if wanted is None:
+        return Adapted({"lora": None}, None)
+    if saved is None:
+        try:
+            add_lora(model, wanted)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    cast_base(model, dtype)
+    entry = {**asdict(wanted), "base_fingerprint": base_fingerprint(model)}
+    if saved:  # a base saved in float32 would be rounded by a 16-bit dtype: another base
+        stored = str(checkpoint["model"]["tok_embeddings.weight"].dtype).removeprefix("torch.")
+        check_lora_base(model, saved, f"its base was saved in {stored}; resume with --dtype={stored}")
+    return Adapted({"lora": entry}, lora_summary(model, entry))
+
+
+def lora_summary(model: GPT, entry: dict) -> str:
+    """LoRA's line: its settings, and the parameters trained (the adapters) and frozen, with dtypes."""
+    trained, frozen = {}, {}
+    for name, p in model.named_parameters():
+        side = trained if is_adapter(name) else frozen
+        side[p.dtype] = side.get(p.dtype, 0) + p.numel()
+
+    def count(side: dict) -> str:
+        return ", ".join(
+            f"{n / 1e6:.3g}M in {str(dtype).removeprefix('torch.')}" for dtype, n in side.items()
+        )
+
+    return (
+        f"LoRA rank {entry['rank']}, alpha {entry['alpha']:g}, dropout {entry['dropout']:g} on "
+        f"{','.join(entry['targets'])}: trains {count(trained)} (AdamW), {count(frozen)} frozen; "
+        f"base fingerprint {entry['base_fingerprint']}"
+    )

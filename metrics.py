@@ -1,7 +1,8 @@
 """out_dir/metrics.jsonl: one JSON record per line, each with the iteration it belongs to ("iter") and
 the seconds the run has been running ("elapsed_s": since this process started, plus, in a resumed
 run, the last elapsed_s kept from the run it continues, so time never goes backwards). Written by
-train.py (MetricsLog), read by train.py (resume), plot.py and race.py (read_records)."""
+train.py (open_metrics_log, with wandb if asked), read by train.py (resume), plot.py and race.py
+(read_records)."""
 
 import errno
 import json
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime import atomic_write
+from runtime import UserError, atomic_write, world
 
 METRICS_NAME = "metrics.jsonl"
 STARTED = time.time()  # records carry the wall time since this process started
@@ -78,3 +79,29 @@ class MetricsLog:
                 {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
                 step=record["iter"],
             )
+
+
+def open_metrics_log(
+    out_dir: str, keep: Callable[[dict], bool] | None, wandb: dict | None = None
+) -> MetricsLog:
+    """metrics.jsonl, and a wandb run when wandb gives wandb.init's arguments, on rank 0; the other
+    processes log nothing."""
+    if world()[0] != 0:
+        return MetricsLog(None, keep)
+    return MetricsLog(out_dir, keep, start_wandb(**wandb) if wandb is not None else None)
+
+
+def start_wandb(**init_arguments):
+    """A wandb run, or one line that says how to get one: log in, or log locally with WANDB_MODE=offline."""
+    try:
+        import wandb  # only when asked for: it is slow to import
+    except ImportError:
+        raise UserError("wandb_log=True needs wandb: pip install wandb, or leave wandb_log off") from None
+    try:
+        return wandb.init(**init_arguments)
+    except Exception as e:  # wandb's own kinds: not logged in, no network, a bad project name
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"wandb did not start ({type(e).__name__}: {reason}); log in with `wandb login`, or log "
+            "locally with WANDB_MODE=offline (wandb sync uploads it later), or leave wandb_log off"
+        ) from None

@@ -1,5 +1,5 @@
 """What the command-line programs share at run time: errors and exit codes, device and dtype choice,
-free memory, atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
+atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
 
 Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a missing or corrupt file,
 data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
@@ -18,15 +18,10 @@ import errno
 import os
 import re
 import secrets
-import signal
-import socket
 import sys
-import threading
-import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import timedelta
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
@@ -47,6 +42,10 @@ class ConfigError(UserError):
     """A bad flag or config value."""
 
     exit_code = 2
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable or inconsistent; the message says which and why."""
 
 
 DEBUG_ENV = "LLM_TRAIN_DEBUG"  # set to 1 to see the traceback behind an error message
@@ -182,32 +181,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on device: CUDA's free memory, or the memory Linux reports
-    available (MemAvailable); None where unknown (MPS, other systems)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    available = next(
-        (line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None
-    )
-    return int(available) * 1024 if available else None
-
-
-def max_memory_allocated_bytes(device: torch.device) -> int | None:
-    """The most torch has held allocated on a CUDA device since the process started; None elsewhere."""
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # GPU only
-
-
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (half their "with sparsity"
 # figures). A key matches whole words of the device name, in order, most words first: "NVIDIA H100
 # PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3" the SXM one, and an L40 is not an L4. A GPU not
@@ -301,87 +274,6 @@ def atomic_write_by_name(path: PathLike, write: Callable[[Path], None]) -> None:
             raise OSError(os_error.errno, os_error.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
-
-
-# --- processes ------------------------------------------------------------------------------------
-
-
-SIGTERM_GRACE_S = 25  # torchrun kills its workers 30 s after passing them its own SIGTERM
-
-
-@contextmanager
-def processes(
-    requested_device: str, collective_timeout_s: float = 600, group_of_one: bool = False
-) -> Iterator[torch.device]:
-    """This process's device. Under torchrun (RANK is set) each process takes its local rank's GPU and
-    joins the default process group (NCCL on CUDA, else gloo), destroyed on the way out. group_of_one:
-    a process not started by torchrun joins a group of its own (FSDP shards over a group). A collective
-    that waits over collective_timeout_s for another process ends the run: one line on gloo; on NCCL
-    its watchdog aborts the process (exit -6, NCCL's own lines: PyTorch gives no hook for a message)."""
-    import torch.distributed as dist
-
-    if not 0 < collective_timeout_s <= 1e7:  # beyond it, timedelta overflows
-        raise ConfigError(
-            f"collective_timeout_s must be positive, in seconds, at most 1e7; got {collective_timeout_s}"
-        )
-    distributed = "RANK" in os.environ  # started by torchrun
-    device = pick_device(requested_device, int(os.environ["LOCAL_RANK"]) if distributed else None)
-    backend = "nccl" if device.type == "cuda" else "gloo"  # NCCL: GPU only, checked by tests/gpu_check.py
-    timeout = timedelta(seconds=collective_timeout_s)
-    if distributed:
-        dist.init_process_group(backend, timeout=timeout)
-    elif group_of_one:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    try:
-        with exit_when_stuck_after_sigterm() if distributed else nullcontext():
-            yield device
-    except RuntimeError as e:
-        if not distributed or "Timed out" not in str(e) and "Connection closed by peer" not in str(e):
-            raise
-        rank, world_size = world()
-        others = (
-            "rank 1" if world_size == 2 and rank == 0 else "rank 0" if world_size == 2 else "another rank"
-        )
-        raise UserError(
-            f"rank {rank}: a collective waited over collective_timeout_s={collective_timeout_s:g} s for "
-            f"{others}, or lost it: that process is stopped (kill -STOP: send it SIGCONT), stuck or died; "
-            "see its output, then resume"
-        ) from e
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-@contextmanager
-def exit_when_stuck_after_sigterm() -> Iterator[None]:
-    """A process blocked in a collective never returns to Python, so its SIGTERM handler cannot run.
-    Python's C-level handler still writes the signal's number to the wakeup fd; a thread reading it
-    exits the process with 143 if it is still alive SIGTERM_GRACE_S later (a healthy one has saved
-    and stopped by then). Main thread only, as signal.set_wakeup_fd."""
-    reader, writer = socket.socketpair()
-    writer.setblocking(False)
-    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-
-    def watch() -> None:
-        while (received := reader.recv(1)) and received[0] != signal.SIGTERM:
-            pass
-        if received:
-            time.sleep(SIGTERM_GRACE_S)
-            print(
-                f"error: rank {world()[0]} did not stop within {SIGTERM_GRACE_S} s of SIGTERM (blocked in a "
-                "collective by another process): exiting unsaved; the last checkpoint is intact",
-                file=sys.stderr,
-                flush=True,
-            )
-            os._exit(143)
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous)
-        writer.close()  # the reader sees the end and the thread ends
-        reader.shutdown(socket.SHUT_RDWR)
 
 
 def world() -> tuple[int, int]:

@@ -25,7 +25,7 @@ from generate import generate_tokens
 from loss_eval import all_reduce_sum
 from model import GPT
 from runtime import ConfigError, UserError, world
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, get_tokenizer
 
 TASK_DIR = Path(__file__).resolve().parent / "data" / "tasks"  # downloaded tasks are kept here
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -311,6 +311,23 @@ def score_task(
         examples = load_task(name, max_examples)
         scores = accuracy(model, tokenizer, examples, batch_size, device, autocast)
     return {f"{task_label(name)}/{metric}": value for metric, value in scores.items()}, len(examples)
+
+
+def score_tasks(
+    model: GPT,
+    meta: dict,
+    tasks: str,
+    max_examples: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """The scores of each of the comma-separated tasks, through the tokenizer of a data set's meta.json
+    and its chat template if its prepare had one (training scores them at each evaluation)."""
+    tokenizer, chat, scores = get_tokenizer(meta), ChatTaskOptions(template=meta.get("chat_template")), {}
+    for name in task_names(tasks):  # draws no random numbers
+        scores |= score_task(model, tokenizer, name, max_examples, batch_size, device, autocast, chat)[0]
+    return scores
 
 
 # --- chat tasks: greedy replies, exact match ----------------------------------------------------------

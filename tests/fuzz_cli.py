@@ -41,6 +41,7 @@ import race  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1"]
 TINY += ["--max_iters=2", "--eval_interval=1", "--log_interval=1", "--eval_full=False", "--dtype=float32"]
@@ -181,7 +182,7 @@ def all_cases(rng: random.Random) -> list[Case]:
     def train_base(d: Path) -> list[str]:
         return [f"--out_dir={d / 'run'}", "--init_from=resume", f"--data_dir={d / 'data'}", *TINY[5:]]
 
-    cases = config_cases("train", train.main, train.TrainConfig, train_base)
+    cases = config_cases("train", train.main, TrainConfig, train_base)
     cases += config_cases(
         "sample", sample.main, sample.SampleConfig, lambda d: [f"--out_dir={d / 'run'}", "--max_new_tokens=2"]
     )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from chat_fixtures import prepare_chat_set
 from conftest import TORCHRUN, random_model
 
+import batches
 import bench
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
@@ -116,7 +117,7 @@ def test_the_logged_loss_is_the_mean_over_the_global_batchs_learned_tokens(chat_
               "--gradient_accumulation_steps=4", "--learning_rate=1e-9", "--min_lr=1e-9")  # fmt: skip
     model = model_from_checkpoint(load_checkpoint(trained / CKPT_NAME)).eval()
     chat = ChatRows(chat_set, load_meta(chat_set), "train", BLOCK)
-    rows = [chat.draw(np.random.default_rng([7, train.CHAT_ROW_STREAM, 0, r])) for r in range(8)]
+    rows = [chat.draw(np.random.default_rng([7, batches.CHAT_ROW_STREAM, 0, r])) for r in range(8)]
     assert max(map(len, rows)) > 1  # packed: some rows hold several conversations
     with torch.no_grad():
         parts = [independent_loss(model, chat_set, row, "train") for row in rows]

@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import TORCHRUN
 
-import generate as generate_module
+import memory
 import train
 from checkpoint import load_checkpoint
-from generate import check_kv_cache_fits, generate
+from generate import generate
+from memory import check_kv_cache_fits
 from model import GPT, GPTConfig, KVCache
 from runtime import ConfigError, autocast, pick_device, pick_dtype
 
@@ -97,7 +98,7 @@ def test_kv_cache_holds_keys_and_values_in_the_autocast_dtype_with_qk_norm(monke
     # sample.py's memory check counts what the cache holds: exactly enough free memory passes
     held = sum(t.nbytes for t in cache.k + cache.v)
     for free, fits in ((held, True), (held - 1, False)):
-        monkeypatch.setattr(generate_module, "free_memory_bytes", lambda device: free)
+        monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
         try:
             check_kv_cache_fits(config, 3, 5, 11, torch.device("cpu"), torch.bfloat16)
             assert fits

@@ -20,6 +20,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 from lora import TARGETS, LoRAConfig, add_lora, base_fingerprint, cast_base, is_adapter  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_peft_loads_the_exported_adapter_with_our_logits_and_merges_to_our_merge
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     idx = torch.randint(0, 65, (2, 24))
-    ours = model_from_checkpoint(checkpoint, keep_lora=True).eval()
+    ours = model_from_checkpoint(checkpoint, keep_adapters=True).eval()
     with torch.no_grad():
         expected = theirs(idx).logits
     assert (logits(ours, idx) - expected).abs().max() < 1e-5
@@ -245,4 +246,4 @@ def test_merge_of_a_checkpoint_without_adapters_is_refused(llama_base, tmp_path,
 
 
 def test_the_default_targets_are_every_matrix_lora_can_adapt():
-    assert train.TrainConfig.lora_targets == ",".join(TARGETS)
+    assert TrainConfig.lora_targets == ",".join(TARGETS)

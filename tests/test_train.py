@@ -29,6 +29,7 @@ from loss_eval import full_val_loss
 from model import GPT, GPTConfig
 from optim import Muon, make_optimizers, newton_schulz
 from tokenizer import get_tokenizer
+from train_config import TrainConfig, fit_to_processes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -243,10 +244,10 @@ def test_two_ddp_processes_match_one_process(char_data, tmp_path, optimizer):
 
 
 def test_gradient_accumulation_rounds_up_to_a_multiple_of_the_processes_and_says_so(capsys):
-    cfg = train.TrainConfig(gradient_accumulation_steps=5)
-    assert train.fit_to_processes(cfg, 1) == cfg
-    assert train.fit_to_processes(cfg, 5) == cfg and capsys.readouterr().out == ""
-    assert train.fit_to_processes(cfg, 2).gradient_accumulation_steps == 6
+    cfg = TrainConfig(gradient_accumulation_steps=5)
+    assert fit_to_processes(cfg, 1) == cfg
+    assert fit_to_processes(cfg, 5) == cfg and capsys.readouterr().out == ""
+    assert fit_to_processes(cfg, 2).gradient_accumulation_steps == 6
     assert "gradient_accumulation_steps 5 -> 6" in capsys.readouterr().out
 
 
@@ -379,15 +380,15 @@ def test_vocab_is_padded_to_a_multiple_of_64_only_when_large():
 
 @pytest.mark.parametrize("config_file", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config_file):
-    cfg = parse_config(train.TrainConfig(), [str(config_file)])
-    assert cfg.out_dir != train.TrainConfig().out_dir  # each config writes to its own out_dir
+    cfg = parse_config(TrainConfig(), [str(config_file)])
+    assert cfg.out_dir != TrainConfig().out_dir  # each config writes to its own out_dir
 
 
 def test_config_files_then_flags_apply_left_to_right(tmp_path):
     first, second = tmp_path / "first.py", tmp_path / "second.py"
     first.write_text("n_layer = 3\nbatch_size = 5\nlearning_rate = 1  # an int for a float key\n")
     second.write_text("batch_size = 6\n")
-    cfg = parse_config(train.TrainConfig(), [str(first), "--batch_size=7", str(second), "--n_kv_head=None"])
+    cfg = parse_config(TrainConfig(), [str(first), "--batch_size=7", str(second), "--n_kv_head=None"])
     assert (cfg.n_layer, cfg.batch_size, cfg.learning_rate, cfg.n_kv_head) == (3, 6, 1.0, None)
 
 
@@ -410,7 +411,7 @@ def test_help_lists_every_key_and_exits_0():
         [sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, env=SUBPROCESS_ENV
     )
     assert result.returncode == 0
-    for key in vars(train.TrainConfig()):
+    for key in vars(TrainConfig()):
         assert f"--{key}=" in result.stdout
 
 
@@ -488,7 +489,7 @@ def test_the_main_job_prints_a_few_lines_before_training_and_saves_the_whole_con
     startup = lines[: next(i for i, line in enumerate(lines) if line.startswith("iter 0:"))]
     assert len(startup) <= 15, startup
     assert "mfu" not in "\n".join(lines) and "dataset=" not in "\n".join(startup)  # data_dir is set
-    assert json.loads((out / "config.json").read_text()).keys() == asdict(train.TrainConfig()).keys()
+    assert json.loads((out / "config.json").read_text()).keys() == asdict(TrainConfig()).keys()
 
 
 def test_elapsed_s_continues_across_a_resume(char_data, tmp_path):
@@ -695,7 +696,7 @@ def test_zero_init_out_proj_zeroes_the_output_projections_and_keeps_every_other_
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly_to_min_lr():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_schedule="wsd")
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_schedule="wsd")
     lrs = [train.get_lr(it, cfg) for it in range(120)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # warmup as cosine's
     assert all(lr == 1.0 for lr in lrs[10:80])  # constant until the last decay_frac = 0.2 of 100
