@@ -1,17 +1,13 @@
-"""The batches a training run learns and is evaluated on, behind one interface: the training loop asks
-for a micro-step's loss, an evaluation batch's loss and the loss over the whole val split, and never
-which kind of data set it has. Two kinds today:
+"""The batches a run trains and evaluates on, behind one interface: the loop asks for a micro-step's
+loss, an evaluation batch's and the whole val split's, never which kind of data set it has:
 
-- TokenStream: a text set's flat token files, windows of block_size drawn at random (nanoGPT's batches);
-  a loss is the mean over a batch's tokens.
-- ConversationRows: a chat set's rows of whole conversations (dataset.ChatRows), the loss only on the
-  learned tokens (the assistant's replies), each conversation attending only to itself.
+- TokenStream: a text set's windows of block_size drawn at random (nanoGPT's); the mean over tokens.
+- ConversationRows: a chat set's rows of whole conversations (dataset.ChatRows), each attending only to
+  itself, the loss on the learned tokens (the assistant's replies) only.
 
 A new objective (preference pairs, rollouts) is a new subclass of Batches and a case in open_batches,
-its settings new keys in train_config.py: train.py does not change for it.
-
-Random streams: every draw is keyed by (seed, stream, ...), so that a resumed run and any split of a
-batch into micro-steps and processes draw the same batches.
+its settings new keys in train_config.py: train.py does not change for it. Every random draw is keyed
+by (seed, stream, ...): a resumed run and any split into micro-steps and processes draw the same.
 """
 
 import math
@@ -19,7 +15,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,24 +22,12 @@ import torch
 from dataset import SPLITS, ChatRows, Row, get_batch, read_checked_tokens
 from loss_eval import all_reduce_sum, full_val_loss
 from runtime import UserError, print0, world
+from train_config import TrainConfig
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
-# A chat set's training rows, each drawn by its index in the global batch, so that any split of the batch
-# into micro-steps and processes sees the same rows. Not TRAIN_STREAM: row r's stream would be micro-step
-# r's, which seeds its dropout.
+# A chat set's training rows, each drawn by its index in the global batch (any split of the batch sees the
+# same rows). Not TRAIN_STREAM: row r's stream would be micro-step r's, which seeds its dropout.
 CHAT_ROW_STREAM = 2
-
-
-class BatchConfig(Protocol):
-    """The settings of a run that its batches read (train_config.TrainConfig): a new kind of batches
-    reads its own keys from the same config, so the training loop never changes for it."""
-
-    seed: int
-    batch_size: int  # sequences per micro-step in each process
-    block_size: int  # tokens per sequence
-    gradient_accumulation_steps: int  # micro-steps per iteration, all processes together
-    eval_iters: int  # batches per split in each evaluation
-    chat_packing: bool  # a chat set's conversations packed one after another in a row, or one per row
 
 
 class Batches(ABC):
@@ -52,7 +35,7 @@ class Batches(ABC):
 
     full_val_what: str  # what full_val_loss averages over, for its log line
 
-    def __init__(self, cfg: BatchConfig, data_dir: Path, meta: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data_dir: Path, meta: dict, device: torch.device):
         self.cfg, self.data_dir, self.meta, self.device = cfg, data_dir, meta, device
 
     @property
@@ -117,7 +100,7 @@ class ConversationRows(Batches):
 
     full_val_what = "every learned val token once"
 
-    def __init__(self, cfg: BatchConfig, data_dir: Path, meta: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data_dir: Path, meta: dict, device: torch.device):
         super().__init__(cfg, data_dir, meta, device)
         self.rows = {
             split: ChatRows(data_dir, meta, split, cfg.block_size, cfg.chat_packing) for split in SPLITS
@@ -205,7 +188,7 @@ class ConversationRows(Batches):
         )
 
 
-def open_batches(cfg: BatchConfig, data_dir: Path, meta: dict, device: torch.device) -> Batches:
+def open_batches(cfg: TrainConfig, data_dir: Path, meta: dict, device: torch.device) -> Batches:
     """The batches of the data set in data_dir, of the kind its meta.json says."""
     if meta.get("chat"):
         return ConversationRows(cfg, data_dir, meta, device)

@@ -2,112 +2,56 @@
 same machine, same run. Ours and the peer's measurements alternate, so background load slows both
 alike; on a busy machine the ratios are the figures to trust, not the absolute numbers.
 
-    python bench.py                                    # small preset, about a minute on a 2-core CPU
-    python bench.py --device cuda --dtype bfloat16 --json bench.json
+    python bench.py [--generation] [--device cuda --dtype bfloat16] [--json bench.json]
 
-Measures: training tokens/s (forward + backward + AdamW) and MFU, here the utilisation of the
-device's matmul peak measured in the same run (train.py's MFU uses a GPU's datasheet peak instead);
-greedy generation at batch 1 and 8, ours with the decode step compiled and eager: tokens/s, the
-share of the memory-bandwidth bound (from a matrix-vector read rate measured in the same run), time
-to first token and compile time, with a check that all produce the same tokens; peak memory of a
-training step; on the README's Shakespeare model, our generation compiled, eager, and without a KV
-cache (a full re-forward of the context per token, as nanoGPT samples), and the tokens that repay
-the compile; and eval.py's multiple-choice scoring, batched against one choice at a time.
-
-    python bench.py --lora                             # memory of LoRA against full fine-tuning
+Measures: training tokens/s, MFU (of the matmul peak measured in the run) and step peak memory; greedy
+generation at batch 1 and 8, ours compiled and eager: tokens/s, the share of the bandwidth bound (a
+matrix-vector read rate measured in the run), time to first token, compile time, and that all give the
+same tokens; on the README's Shakespeare model, decoding compiled, eager and without a KV cache (as
+nanoGPT samples); eval.py's multiple-choice scoring, batched against one choice at a time. Our features
+against themselves: bench_features.py.
 """
 
 import argparse
-import ctypes
-import gc
-import json
 import math
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import psutil
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint, load_model_and_tokenizer, model_from_checkpoint
+from checkpoint import find_checkpoint, load_model_and_tokenizer
 from configurator import read_config_file
-from dataset import ChatRows, load_meta
-from generate import (
-    COMPILE_MIN_TOKENS,
-    compile_decode_step,
-    generate,
-    generate_tokens,
-    kv_cache_length,
-    sample_next_token,
-)
-from lora import LoRAConfig, add_lora, cast_base
+from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate, generate_tokens, sample_next_token
+from hf_mapping import hf_config, to_hf
 from model import GPT, GPTConfig
-from optim import make_optimizers
-from runtime import DTYPE_NAMES, UserError, atomic_write, autocast, exit_on_error, pick_device, pick_dtype
-from speculative import Draft, PromptLookup, Stats, speculative_tokens
+from runtime import autocast, exit_on_error
 from tasks import continuation_logprobs
+from timing import (
+    Preset,
+    bench_arguments,
+    check_json_path,
+    measure_peak_flops,
+    median_times,
+    our_train_step,
+    peak_matmul_size,
+    random_batch,
+    row,
+    start,
+    step_peak_memory,
+    timed,
+    write_json,
+)
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
+
+
 SHAKESPEARE_VOCAB = 65  # distinct characters in Tiny Shakespeare
 
 
-@dataclass
-class Preset:
-    model: dict  # GPTConfig fields
-    batch_size: int  # training batch, sequences of seq_len tokens
-    seq_len: int
-    train_steps: int  # timed steps per model, after one warm-up step
-    prompt_len: int  # generation: a random prompt of prompt_len tokens, then new_tokens greedy ones
-    new_tokens: int
-    generate_repeats: int  # timed generations per model and batch size (a long call needs no warm-up)
-    no_cache_tokens: int  # new tokens for the KV cache vs no cache comparison
-    no_cache_repeats: int  # its gap is several-fold: fewer repeats do
-    matmul_size: int  # n of the n x n x n matmul that measures the peak FLOP/s (on CUDA at least 8192)
-    choice_examples: int  # multiple-choice scoring: random examples of 4 choices, scored twice
-    speculative_tokens: int = 500  # --speculative: tokens per sample
-    draft_tokens: int = 4  # --speculative: tokens proposed per verification
-
-
-PRESETS = {
-    "tiny": Preset(  # seconds; for the smoke test, not for numbers
-        dict(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64),
-        batch_size=2,
-        seq_len=32,
-        train_steps=1,
-        prompt_len=8,
-        new_tokens=8,
-        generate_repeats=1,
-        no_cache_tokens=8,
-        no_cache_repeats=1,
-        matmul_size=256,
-        choice_examples=2,
-    ),
-    "small": Preset(  # about a minute on a 2-core CPU
-        dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
-        batch_size=8,
-        seq_len=256,
-        train_steps=3,
-        prompt_len=64,
-        new_tokens=256,
-        generate_repeats=3,
-        no_cache_tokens=500,
-        no_cache_repeats=1,
-        matmul_size=2048,
-        choice_examples=32,
-    ),
-}
-
-
 def to_peer(model: GPT):
-    """transformers' LlamaForCausalLM holding a copy of our weights, mapped by convert.py."""
+    """transformers' LlamaForCausalLM holding a copy of our weights, mapped by hf_mapping.py."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from convert import hf_config, to_hf  # needs safetensors, as transformers does
 
     cfg = model.config
     dtype = model.lm_head.weight.dtype
@@ -122,98 +66,6 @@ def to_peer(model: GPT):
     # A tied lm_head has no entry of its own.
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return peer.to(model.lm_head.weight.device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def median_times(
-    fns: list[Callable], repeats: int, device: torch.device, warm_up: bool = False
-) -> list[float]:
-    """Median seconds of each of fns. Calls alternate, and who goes first rotates, so that load from
-    other processes and cache warmth fall on all alike."""
-    if warm_up:
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(repeats):
-        for j in range(len(fns)):
-            k = (i + j) % len(fns)
-            times[k].append(timed(fns[k], device))
-    return [statistics.median(t) for t in times]
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """The best FLOP/s of an n x n x n matmul in dtype: the device's practical peak, measured, not
-    looked up, so MFU means the same on a laptop CPU as on a datacenter GPU."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: library initialisation, kernel selection
-    best = min(timed(lambda: a @ b, device) for _ in range(5))
-    return 2 * n**3 / best
-
-
-CUDA_MATMUL_SIZE = 8192  # a datacenter GPU reaches its peak only on large matmuls: at 2048 an H100 does not
-
-
-def peak_matmul_size(preset: Preset, device: torch.device) -> int:
-    return max(preset.matmul_size, CUDA_MATMUL_SIZE) if device.type == "cuda" else preset.matmul_size
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since the last reset (VmHWM): no library reads it after a reset."""
-    line = next(
-        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
-    )
-    return int(line.split()[1]) * 1024
-
-
-def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
-    """Bytes a training step needs at its peak beyond what was allocated before it: activations,
-    gradients, temporaries. CPU: peak RSS over RSS before (Linux with glibc only, else None)."""
-    gc.collect()
-    if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS: a step cannot hide in it
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
-    except OSError:
-        return None
-    before = psutil.Process().memory_info().rss
-    step()
-    return peak_rss_bytes() - before
-
-
-def our_train_step(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> tuple[Callable, torch.optim.AdamW]:
-    """One forward + backward + AdamW step of our model on the batch x, and its optimizer."""
-    (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), x.device.type)
-
-    def step() -> None:
-        with autocast(x.device, dtype):
-            loss = model(x, x)[1]  # not holding the logits: they would stay alive through backward
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, optimizer
-
-
-def random_batch(preset: Preset, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, preset.model["vocab_size"], (preset.batch_size, preset.seq_len), device=device)
 
 
 def train_step_fns(
@@ -235,51 +87,6 @@ def train_step_fns(
     return ours, peer_step
 
 
-def bench_chat_packing(
-    data_dir: Path, shape: dict, block_size: int, batch_size: int, steps: int, device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> dict:  # fmt: skip
-    """Chat rows packed against one conversation per row, on steps batches of data_dir's train split:
-    the fraction of row positions holding a learned target and holding a conversation's token at all,
-    and learned tokens trained per second (forward + backward + AdamW of a model of shape)."""
-    meta = load_meta(Path(data_dir))
-    if not meta.get("chat"):
-        raise UserError(f"{data_dir} is not a chat set: prepare one with data/chat/prepare.py")
-    torch.manual_seed(0)
-    config = GPTConfig(**{**shape, "vocab_size": meta["vocab_size"], "block_size": block_size})
-    model = GPT(config).to(device)
-    (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.type)
-
-    def train_on(batches: list) -> Callable[[], None]:
-        def step() -> None:
-            for x, y, segments in batches:
-                with autocast(device, dtype):
-                    loss = model(x, y, segments=segments, reduction="sum")[1]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        return step
-
-    results, fns = {}, []
-    for name, packed in (("packed", True), ("one per row", False)):
-        chat, rng = ChatRows(Path(data_dir), meta, "train", block_size, packed), np.random.default_rng(0)
-        rows = [chat.draw(rng) for _ in range(steps * batch_size)]
-        positions = len(rows) * block_size
-        results[name] = {
-            "learned_fraction": chat.learned(rows) / positions,
-            "real_fraction": sum(chat.positions(c) for row in rows for c in row) / positions,
-            "conversations_per_row": sum(map(len, rows)) / len(rows),
-            "learned_tokens": chat.learned(rows),
-        }
-        fns.append(
-            train_on([chat.batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)])
-        )
-    for name, seconds in zip(results, median_times(fns, 3, device, warm_up=True)):
-        results[name]["learned_tokens_per_s"] = results[name].pop("learned_tokens") / seconds
-    return results
-
-
 def generate_without_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding as nanoGPT samples: each token re-runs the whole context, cropped to block_size."""
     for _ in range(max_new_tokens):
@@ -292,16 +99,10 @@ def shakespeare_model(out_dir: str | None, device: torch.device) -> GPT:
     """The README's Shakespeare model: trained weights from out_dir, else random weights in the shape
     configs/shakespeare_char.py gives (random weights decode exactly as fast)."""
     if out_dir:
-        return model_from_checkpoint(load_checkpoint(out_dir, device)).to(device).eval()
+        return load_model_and_tokenizer(out_dir, device, tokenizer="none")[0]
     values = read_config_file(str(SHAKESPEARE_CONFIG))
     shape = {key: value for key, value in values.items() if key in GPTConfig.__dataclass_fields__}
     return GPT(GPTConfig(vocab_size=SHAKESPEARE_VOCAB, **shape)).to(device).eval()
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def bench_training(
@@ -343,34 +144,6 @@ def bench_activation_checkpointing(model: GPT, step: Callable, preset: Preset, d
             "on": step_peak_memory(checkpointed_step, device),
         },
     }
-
-
-OPTIONS = {  # model.py's options, as bench_options turns each on (sliding_window: half the sequence)
-    "qk_norm": {"qk_norm": True},
-    "attn_bias": {"attn_bias": True},
-    "rope_scaling": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 128}},
-    "sliding_window": {"sliding_window": 128},
-}  # fmt: skip
-
-
-def bench_options(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
-    """Our training tokens/s with each model option on, against all off, timed alternately."""
-    tokens = preset.batch_size * preset.seq_len
-    results = {}
-    for name, option in OPTIONS.items():
-        steps = []
-        for overrides in ({}, option):
-            torch.manual_seed(0)
-            model = GPT(GPTConfig(**preset.model, **overrides)).to(device).train()
-            steps.append(our_train_step(model, random_batch(preset, device), dtype)[0])
-        dt_off, dt_on = median_times(steps, preset.train_steps, device, warm_up=True)
-        results[name] = {"off": tokens / dt_off, "on": tokens / dt_on}
-        print(
-            f"{name:<16} on {tokens / dt_on:>10,.0f} tokens/s, off {tokens / dt_off:>10,.0f}: "
-            f"{dt_off / dt_on:.3f}x"
-        )
-    return results
 
 
 def measure_read_rate(weights: list[torch.Tensor]) -> float:
@@ -507,108 +280,6 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torc
     return results
 
 
-SPECULATIVE_PROMPT = "ROMEO:\n"  # the README's Shakespeare prompt; any text the model's tokenizer encodes
-
-
-def bench_speculative(model_dir: str, draft_dir: str, preset: Preset, device: torch.device, dtype) -> dict:
-    """Tokens/s of one sample of preset.speculative_tokens tokens, greedy and at sample.py's default
-    sampling (temperature 0.8, top_k 200): plain decoding, a draft proposing preset.draft_tokens tokens
-    per verification, and prompt lookup (n-grams up to 3), eager and compiled, timed alternately."""
-    model, tokenizer, _ = load_model_and_tokenizer(model_dir, device)
-    draft = load_model_and_tokenizer(draft_dir, device)[0]
-    prompt = torch.tensor([tokenizer.encode(SPECULATIVE_PROMPT)], device=device)
-    n, k = preset.speculative_tokens, preset.draft_tokens
-    length = kv_cache_length(draft.config, prompt.size(1), n, k)
-    results: dict = {"model_params": model.get_num_params(), "draft_params": draft.get_num_params()}
-    print(f"\n{n} tokens after {SPECULATIVE_PROMPT!r}, {k} proposed per verification: tokens/s")
-    for compile in (False, True):
-        for sampling in ((0.0, None, None), (0.8, 200, None)):
-            stats = {"draft": Stats(), "prompt lookup": Stats()}
-
-            def speculate(name: str, proposer) -> None:
-                vars(stats[name]).update(vars(Stats()))  # the counts of the last run only
-                list(speculative_tokens(model, proposer, prompt, n, k, sampling, compile, stats[name]))
-
-            runs = [
-                lambda: list(generate_tokens(model, prompt, n, *sampling, compile)),
-                lambda: speculate("draft", Draft(draft, length, compile)),
-                lambda: speculate("prompt lookup", PromptLookup(3)),
-            ]
-            with autocast(device, dtype):
-                plain, *others = (n / t for t in median_times(runs, preset.generate_repeats, device, True))
-            label = f"{'compiled' if compile else 'eager'}, temperature {sampling[0]}"
-            results[label] = {"plain": plain, **{name: vars(st) for name, st in stats.items()}}
-            print(f"{label:<26} plain {plain:,.0f}")
-            for (name, st), tokens_per_s in zip(stats.items(), others):
-                results[label][name]["tokens_per_s"] = tokens_per_s
-                print(f"{'':<26} {name} {tokens_per_s:,.0f} ({tokens_per_s / plain:.2f}x), {st.summary()}")
-    return results
-
-
-LORA = LoRAConfig(rank=16, alpha=32.0)  # --lora: train.py's default targets, every block matrix
-
-
-def bench_lora(preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
-    """Memory of a training step (forward, backward, AdamW) on the preset's model, fine-tuned in full or
-    with LoRA (base held in dtype, as train.py holds it): the bytes of the weights, of the gradients
-    (one per trained parameter) and of AdamW's state (counted in the optimizer after a step), of the
-    activations the forward saves for backward (storages counted once), and the step's peak above what
-    was allocated before it (step_peak_memory; on a CPU, peak RSS, allocator slack included)."""
-    results = {}
-    for name in ("full", "lora"):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**preset.model)).to(device).train()
-        if name == "lora":
-            add_lora(model, LORA)
-            cast_base(model, dtype)
-        step, optimizer = our_train_step(model, random_batch(preset, device), dtype)
-        step()  # AdamW's state exists from the first step on
-        x = random_batch(preset, device)
-        saved = {}  # storage -> bytes, of every tensor autograd keeps for backward
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(device, dtype):
-            model(x, x)
-        trained = [p for p in model.parameters() if p.requires_grad]
-        results[name] = {
-            "trained_params": sum(p.numel() for p in trained),
-            "weight_bytes": sum(p.nbytes for p in model.parameters()),
-            "gradient_bytes": sum(p.nbytes for p in trained),
-            "optimizer_state_bytes": sum(
-                t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim() > 0
-            ),
-            "saved_activation_bytes": sum(saved.values()),
-            "step_peak_bytes": step_peak_memory(step, device),
-        }
-        del model, step, optimizer
-    return results
-
-
-def print_lora(results: dict, preset: Preset) -> None:
-    print(
-        f"\nLoRA rank {LORA.rank} on {','.join(LORA.targets)} against full fine-tuning "
-        f"(AdamW, batch {preset.batch_size} x {preset.seq_len})"
-    )
-    print(f"{'':<44} {'lora':>12} {'full':>12} {'lora/full':>9}")
-    lora, full = results["lora"], results["full"]
-    row("trained parameters", lora["trained_params"], full["trained_params"], fmt="{:,.0f}")
-    for key, name in (
-        ("weight_bytes", "weights"),
-        ("gradient_bytes", "gradients"),
-        ("optimizer_state_bytes", "optimizer state"),
-        ("saved_activation_bytes", "activations saved for backward"),
-        ("step_peak_bytes", "step peak above weights and state"),
-    ):
-        row(
-            f"{name} (MiB)",
-            *(r[key] / 2**20 if r[key] is not None else None for r in (lora, full)),
-            fmt="{:,.2f}",
-        )
-
-
 def bench_multiple_choice(
     model: GPT, n_examples: int, context_len: int, choice_len: int, device: torch.device, dtype: torch.dtype
 ) -> dict:
@@ -630,13 +301,6 @@ def bench_multiple_choice(
         )
         results[name] = n_examples / seconds
     return results
-
-
-def row(name: str, *values: float | None, fmt: str = "{:,.0f}") -> None:
-    """A table's row: the values in columns, then the first over the second."""
-    cells = "".join(f" {fmt.format(v) if v is not None else 'n/a':>12}" for v in values)
-    ratio = f"{values[0] / values[1]:.2f}x" if values[0] and values[1] else ""
-    print(f"{name:<44}{cells} {ratio:>9}")
 
 
 def pair(r: dict, key: str, a: str = "ours", b: str = "peer") -> tuple:
@@ -736,53 +400,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPE_NAMES],
-        default="auto",
-        help="float32, or autocast to a 16-bit type (auto: as train.py chooses)",
-    )
+    parser = bench_arguments(__doc__)
     parser.add_argument(
         "--out_dir", default=None, help="a Shakespeare checkpoint for the KV cache comparison"
-    )
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument(
-        "--options",
-        action="store_true",
-        help="only: our training speed with each model option on against all off",
     )
     parser.add_argument(
         "--generation",
         action="store_true",
         help="only: generation at batch 1 and 8, ours compiled and eager against transformers'",
     )
-    parser.add_argument(
-        "--lora",
-        action="store_true",
-        help="only: memory of a training step, LoRA (rank 16) against full fine-tuning",
-    )
-    parser.add_argument(
-        "--speculative",
-        nargs=2,
-        metavar=("MODEL_DIR", "DRAFT_DIR"),
-        help="only: MODEL_DIR's checkpoint decoding plainly, with DRAFT_DIR's as its draft, by prompt lookup",
-    )
-    parser.add_argument(
-        "--chat_packing",
-        metavar="DATA_DIR",
-        help="only: rows of DATA_DIR's chat set packed against one conversation per row (block: seq_len)",
-    )
     args = parser.parse_args(argv)
     # What would fail only at the end of minutes of measuring fails now.
     if args.out_dir:
         find_checkpoint(args.out_dir)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"--json {args.json}: its folder does not exist; create it or choose another path")
+    check_json_path(args.json)
     return args
 
 
@@ -803,69 +434,20 @@ def bench_everything(model: GPT, preset: Preset, out_dir: str | None, device: to
     return results
 
 
-def run_chat_packing(data_dir: str, preset: Preset, device: torch.device, dtype: torch.dtype) -> dict:
-    """--chat_packing: bench_chat_packing with the preset's model, rows of its seq_len, and a table."""
-    shape = {k: v for k, v in preset.model.items() if k not in ("vocab_size", "block_size")}
-    steps = 4 * preset.train_steps  # more rows than the timing needs: the fractions are averages
-    packing = bench_chat_packing(
-        Path(data_dir), shape, preset.seq_len, preset.batch_size, steps, device, dtype
-    )
-    print(f"rows of {preset.seq_len} positions  learned  real  conversations/row  learned tokens/s")
-    for name, r in packing.items():
-        print(
-            f"{name:<28} {r['learned_fraction']:>6.1%} {r['real_fraction']:>6.1%} "
-            f"{r['conversations_per_row']:>18.2f} {r['learned_tokens_per_s']:>17,.0f}"
-        )
-    return packing
-
-
 def bench(argv: list[str] | None) -> None:
     args = parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()  # their generate warns about settings we chose on purpose
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    dtype_name = str(dtype).removeprefix("torch.")
-    preset = PRESETS[args.preset]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**preset.model)).to(device)
-    results: dict = {
-        "preset": args.preset,
-        "machine": machine_name(device),
-        "device": device.type,
-        "dtype": dtype_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "model": asdict(model.config),
-        "params": model.get_num_params(),
-    }
-    print(
-        f"machine: {results['machine']} | torch {torch.__version__} | transformers {transformers.__version__}"
-        f" | {results['threads']} threads | {device.type} {dtype_name}"
-    )
-    print(f"preset {args.preset}: {model.get_num_params() / 1e6:.1f}M params, {preset.model}")
-
-    if args.chat_packing:
-        results["chat_packing"] = run_chat_packing(args.chat_packing, preset, device, dtype)
-    elif args.speculative:
-        results["speculative"] = bench_speculative(*args.speculative, preset, device, dtype)
-    elif args.lora:
-        results["lora_memory"] = bench_lora(preset, device, dtype)
-        print_lora(results["lora_memory"], preset)
-    elif args.options:
-        results["option_tokens_per_s"] = bench_options(preset, device, dtype)
-    elif args.generation:
+    device, dtype, preset, model, results = start(args, {"transformers": transformers.__version__})
+    if args.generation:
         results.update(bench_generation(model, preset, device, dtype))
         print(f"{'':<44} {'ours':>12} {'transformers':>12} {'ours/them':>9}")
         print_generation(results, preset)
     else:
         results.update(bench_everything(model, preset, args.out_dir, device, dtype))
         print_table(results, preset)
-    if args.json:
-        text = json.dumps(results, indent=2) + "\n"
-        atomic_write(args.json, lambda f: f.write(text.encode()))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

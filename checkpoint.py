@@ -114,7 +114,7 @@ def load_optimizer_state(
 def restore_training_state(
     checkpoint: dict,
     model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
+    optimizers: list,
     scaler: torch.amp.GradScaler,
     out_dir: str,
     optimizer: str,
@@ -287,7 +287,7 @@ def model_from_checkpoint(checkpoint: dict, keep_adapters: bool = False) -> GPT:
     return model
 
 
-def tokenizer_entry_of(path: PathLike) -> dict:
+def tokenizer_entry_from_folder(path: PathLike) -> dict:
     """The tokenizer entry of a folder: the one its checkpoint records (path/ckpt.pt), else the Hugging
     Face tokenizer of a model folder (e.g. one to fine-tune, before or after convert.py import)."""
     path = Path(path)
@@ -301,10 +301,10 @@ def tokenizer_entry_of(path: PathLike) -> dict:
         checkpoint = torch.load(found / SHARDED_META, weights_only=True)
     else:
         checkpoint = load_checkpoint(found, mmap=True)
-    return tokenizer_entry_in(checkpoint, found)
+    return tokenizer_entry_from_checkpoint(checkpoint, found)
 
 
-def tokenizer_entry_in(checkpoint: dict, found: Path) -> dict:
+def tokenizer_entry_from_checkpoint(checkpoint: dict, found: Path) -> dict:
     """The tokenizer entry of the checkpoint at found (find_checkpoint's answer). A Hugging Face
     tokenizer is read from out_dir/tokenizer when its files are there (import and training copy them),
     so that a moved out_dir keeps working; else from the folder it names (older checkpoints)."""
@@ -317,18 +317,34 @@ def tokenizer_entry_in(checkpoint: dict, found: Path) -> dict:
     return entry
 
 
-def load_model_and_tokenizer(
-    out_dir: PathLike, device: str | torch.device = "cpu"
-) -> tuple[GPT, Tokenizer, dict]:
-    """The model (in eval mode, on device), its tokenizer and the raw checkpoint of out_dir."""
-    path = find_checkpoint(out_dir)
-    checkpoint = load_checkpoint(path, device)
-    entry = tokenizer_entry_in(checkpoint, path)
+def tokenizer_from_entry(entry: dict, found: Path) -> Tokenizer:
+    """The tokenizer a checkpoint's entry names (found: the checkpoint, for the message)."""
     try:
-        tokenizer = get_tokenizer(entry)
+        return get_tokenizer(entry)
     except (KeyError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {path} has an unusable tokenizer entry ({type(e).__name__}: {e})"
+            f"checkpoint {found} has an unusable tokenizer entry ({type(e).__name__}: {e})"
         ) from e
-    model = model_from_checkpoint(checkpoint).to(device).eval()
-    return model, tokenizer, checkpoint
+
+
+def load_model_and_tokenizer(
+    path: PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    tokenizer: str = "required",
+    keep_adapters: bool = False,
+    dropout: float | None = None,
+) -> tuple[GPT, Tokenizer | None, dict]:
+    """The one door to a checkpoint: the model (eval mode, on device), its tokenizer and the raw
+    checkpoint path means (see find_checkpoint). tokenizer: "required", "optional" (None where none is
+    recorded) or "none" (not built: training reads its data set's). dropout: a run's own, in place of
+    the saved one (a choice of the run, not part of the weights). keep_adapters: model_from_checkpoint."""
+    found = find_checkpoint(path)
+    checkpoint = load_checkpoint(found, device)
+    if dropout is not None and "model_args" in checkpoint:
+        checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": dropout}
+    built = None
+    if tokenizer == "required" or (tokenizer == "optional" and checkpoint.get("tokenizer")):
+        built = tokenizer_from_entry(tokenizer_entry_from_checkpoint(checkpoint, found), found)
+    model = model_from_checkpoint(checkpoint, keep_adapters).to(device).eval()
+    return model, built, checkpoint

@@ -169,7 +169,7 @@ class ChatRows:
     """Batch rows of whole conversations from one split of a chat set. Packed: conversations drawn one
     after another into a row until the next drawn does not fit, padding in the rest; or one per row.
     Packed is the default: it fills far more of each row with learned tokens (measured by
-    bench.py --chat_packing; figures in docs/training.md).
+    bench_features.py --chat_packing; figures in docs/training.md).
 
     A conversation of L tokens takes L - 1 positions of a row: its tokens but the last as inputs, its
     tokens but the first as targets, so no target crosses into the next conversation. One longer than

@@ -1,6 +1,5 @@
-"""Processes and their coordination: start-up under torchrun (the device, the process group, a stuck
-collective ended in one line), stop signals that all processes agree on, the SIGTERM watchdog for a
-process blocked in a collective, and the model laid out for training (DDP, FSDP, compile)."""
+"""Processes: start-up under torchrun (device, process group, a stuck collective ended in one line),
+stop signals all processes agree on, the SIGTERM watchdog, the model laid out (DDP, FSDP, compile)."""
 
 import os
 import signal
@@ -128,23 +127,14 @@ def request_stop(signum: int, frame) -> None:
         )
 
 
-def stop_group(collective_timeout_s: float) -> dist.ProcessGroup | None:
-    """The gloo group that agrees on stop signals (on the CPU: agreeing never waits for the GPU); None
-    in a process of its own."""
-    timeout = timedelta(seconds=collective_timeout_s)
-    return dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
-
-
 def agreed_stop_signal(group: dist.ProcessGroup | None) -> int:
     """The stop signal if any process has received one, else 0. Processes get a signal at slightly
-    different moments; agreeing after every iteration makes them all stop after the same one."""
+    different moments; agreeing after every iteration makes them all stop after the same one. The
+    group is gloo, on the CPU, so this never waits for the GPU."""
     flag = torch.tensor(_stop_signal)
     if group is not None:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return int(flag)
-
-
-# --- the model laid out for training --------------------------------------------------------------
 
 
 def parallelize(
@@ -153,11 +143,11 @@ def parallelize(
     dtype: torch.dtype,
     parallelism: str,
     compiled: bool,
-    activation_checkpointing: bool = False,
+    checkpointed: bool,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model to evaluate, the model to train): raw_model on device, with activation checkpointing
     if asked, sharded (fsdp) or replicated (ddp, several processes), compiled if asked."""
-    raw_model.activation_checkpointing = activation_checkpointing
+    raw_model.activation_checkpointing = checkpointed
     raw_model.to(device)
     if parallelism == "fsdp":
         if dtype == torch.float16:

@@ -19,18 +19,9 @@ from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, check_values, parse_con
 from dataset import load_meta, read_checked_tokens, resolve_data_dir
 from distributed import processes
 from loss_eval import bits_per_byte
-from runtime import (
-    ConfigError,
-    UserError,
-    atomic_write,
-    autocast,
-    exit_on_error,
-    pick_dtype,
-    print0,
-    world,
-)
+from runtime import ConfigError, UserError, atomic_write, autocast, exit_on_error, pick_dtype, print0, world
 from tasks import BUILTIN_TASKS, ChatTaskOptions, score_task, task_label, task_names
-from tokenizer import tokenizer_entry
+from tokenizer import tokenizer_entry_from_meta
 
 DESCRIPTION = """Evaluate out_dir/ckpt.pt on the tasks listed in --tasks (comma-separated):
 
@@ -84,9 +75,6 @@ class EvalConfig:
     collective_timeout_s: float = 600  # under torchrun: a wait this long for another process ends the run
 
 
-# --- the command line ----------------------------------------------------------------------------
-
-
 # More sequences than this in one forward pass fail in torch's allocator, not here, with its own error.
 BATCH_SIZE = (lambda v: 1 <= v <= 2**20, "must be between 1 and 2**20")
 
@@ -99,7 +87,7 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
     else:
         raise ConfigError("the checkpoint records no data set (an imported model?): pass --data_dir for bpb")
     meta = load_meta(data_dir)
-    if tokenizer_entry(meta) != checkpoint["tokenizer"]:
+    if tokenizer_entry_from_meta(meta) != checkpoint["tokenizer"]:
         raise UserError(
             f"{data_dir} was prepared with another tokenizer than the checkpoint's "
             f"({meta.get('tokenizer')} vs {checkpoint['tokenizer'].get('tokenizer')}): bpb needs the val "
@@ -111,8 +99,7 @@ def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every task of cfg.tasks on out_dir's checkpoint; prints each result on rank 0 and returns them all."""
     check_values(
-        cfg,
-        {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE, "max_new_tokens": AT_LEAST_1},
+        cfg, {"batch_size": BATCH_SIZE, "max_examples": AT_LEAST_1_OR_NONE, "max_new_tokens": AT_LEAST_1}
     )
     if cfg.json is not None and (Path(cfg.json).is_dir() or not Path(cfg.json).resolve().parent.is_dir()):
         raise ConfigError(f"json={cfg.json!r} must name a file in an existing folder")

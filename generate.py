@@ -1,8 +1,6 @@
 """Generation from a GPT: sampling (temperature, top-k, top-p), the decode loop over a KV cache (prefill
 once, then one token per step), the compiled decode step and when it pays, the cache's size (whether it
-fits: memory.py). Apart from model.py, which holds the network only: sample.py and bench.py run it the
-same way.
-"""
+fits: memory.py). Apart from model.py, which holds the network only: sample.py and bench.py share it."""
 
 import itertools
 import time

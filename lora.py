@@ -6,9 +6,8 @@ that training starts from the base exactly, and scale = alpha / rank (rsLoRA's a
 offered). q|k|v and gate|up are fused matrices in model.py; one pair per part maps one to one to PEFT's
 adapters on Hugging Face's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and down_proj.
 
-A training run meets LoRA in two calls: check_adapters refuses settings it cannot run, add_adapters
-prepares the loaded model (adapters, the frozen base in the run's dtype, the resume and fingerprint
-checks) and says what the checkpoint records of it. Every load checks the base (check_lora_base).
+A training run meets LoRA in two calls: check_adapters (settings it cannot run) and add_adapters (the
+loaded model's adapters, its base frozen in the run's dtype, what the checkpoint records of them).
 
 The adapters are submodules of the layers they adapt (`layers.0.attn.wqkv.lora.A.q`), added to the
 layer's output by a forward hook: the base's state_dict keys, and model.py, stay as they are.
@@ -181,9 +180,6 @@ def check_lora_base(model: GPT, entry: dict, hint: str = "") -> None:
         )
 
 
-# --- a training run's LoRA ------------------------------------------------------------------------
-
-
 class LoRARun(Protocol):
     """The settings of a training run that LoRA reads (train.py's TrainConfig)."""
 
@@ -198,9 +194,7 @@ class LoRARun(Protocol):
 
 
 @dataclass
-class Adapted:
-    """What add_adapters made of a model, for the run to record and print."""
-
+class Adapted:  # what add_adapters made of a model, for the run to record and print
     checkpoint_entries: dict  # {"lora": the settings and the base's fingerprint, or None without LoRA}
     summary: str | None  # the start-up line: the settings, the parameters trained and frozen
 

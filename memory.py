@@ -1,5 +1,5 @@
-"""Every memory query and check: free and peak device memory, whether a model's training state fits
-before it is allocated, what each process holds of it, and whether a KV cache fits."""
+"""Every memory query and check: free and peak memory, whether a model's training state or a KV cache
+fits before it is allocated, and what each process holds."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -86,12 +86,7 @@ def memory_per_process(model: torch.nn.Module, optimizers: list[torch.optim.Opti
 
 
 def check_kv_cache_fits(
-    config: GPTConfig,
-    num_samples: int,
-    prompt_len: int,
-    max_new_tokens: int,
-    device: torch.device,
-    dtype: torch.dtype,
+    config: GPTConfig, num_samples: int, prompt_len: int, max_new_tokens: int, device: torch.device, dtype
 ) -> None:
     """Refuse a KV cache larger than the memory free on the device, before allocating anything."""
     positions = kv_cache_length(config, prompt_len, max_new_tokens)

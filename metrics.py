@@ -1,7 +1,7 @@
 """out_dir/metrics.jsonl: one JSON record per line, each with the iteration it belongs to ("iter") and
 the seconds the run has been running ("elapsed_s": since this process started, plus, in a resumed
 run, the last elapsed_s kept from the run it continues, so time never goes backwards). Written by
-train.py (open_metrics_log, with wandb if asked), read by train.py (resume), plot.py and race.py
+train.py (MetricsLog, and start_wandb if asked), read by train.py (resume), plot.py and race.py
 (read_records)."""
 
 import errno
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime import UserError, atomic_write, world
+from runtime import UserError, atomic_write
 
 METRICS_NAME = "metrics.jsonl"
 STARTED = time.time()  # records carry the wall time since this process started
@@ -79,16 +79,6 @@ class MetricsLog:
                 {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
                 step=record["iter"],
             )
-
-
-def open_metrics_log(
-    out_dir: str, keep: Callable[[dict], bool] | None, wandb: dict | None = None
-) -> MetricsLog:
-    """metrics.jsonl, and a wandb run when wandb gives wandb.init's arguments, on rank 0; the other
-    processes log nothing."""
-    if world()[0] != 0:
-        return MetricsLog(None, keep)
-    return MetricsLog(out_dir, keep, start_wandb(**wandb) if wandb is not None else None)
 
 
 def start_wandb(**init_arguments):

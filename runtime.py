@@ -1,12 +1,9 @@
 """What the command-line programs share at run time: errors and exit codes, device and dtype choice,
 atomic file writes, the GPU peak table for MFU, and printing on rank 0 only.
 
-Exit codes, the same for every CLI: 0 done; 1 bad input found at run time (a missing or corrupt file,
-data too short for the model); 2 a bad flag or config value, whenever it is detected (an unknown key,
-a wrong type, a value out of range, a model shape that does not divide, a device this machine lacks);
-130 / 143 stopped by Ctrl-C / SIGTERM. Failures of the environment (disk full, no permission) are
-bad input too: one line, exit code 1. Anything else is a bug: one line that says so ("internal error"),
-exit code 1. LLM_TRAIN_DEBUG=1 shows the traceback behind any message, with the same exit code.
+Exit codes, the same for every CLI (docs/errors.md): 0 done; 1 bad input or a fault of the environment
+found at run time; 2 a bad flag or config value; 130 / 143 stopped by Ctrl-C / SIGTERM. Anything else is
+a bug: one line that says so ("internal error"), exit code 1.
 
 torch is imported inside the functions that need it: the data preparation scripts use this module
 too, and they start in a fifth of a second without torch, in over a second with it.

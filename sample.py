@@ -15,13 +15,7 @@ import torch
 from chat import ChatFormat, Messages, chat_template, read_text_file, reply_tokens
 from checkpoint import load_model_and_tokenizer
 from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, NOT_NEGATIVE, check_values, parse_config
-from generate import (
-    COMPILE_MIN_TOKENS,
-    compile_decode_step,
-    generate_tokens,
-    kv_cache_length,
-    should_compile,
-)
+from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate_tokens, kv_cache_length, should_compile
 from memory import check_kv_cache_fits
 from model import GPT
 from runtime import ConfigError, UserError, autocast, exit_on_error, pick_device, pick_dtype

@@ -21,7 +21,7 @@ from runtime import UserError
 TOKENIZER_KEYS = ("tokenizer", "chars", "encoding", "eot_token", "path", "vocab_size", "chat_template")
 
 
-def tokenizer_entry(meta: dict) -> dict:
+def tokenizer_entry_from_meta(meta: dict) -> dict:
     """What a checkpoint records of its data set's meta.json: the tokenizer, not the token files."""
     return {key: meta[key] for key in TOKENIZER_KEYS if key in meta}
 

@@ -4,15 +4,13 @@
     python train.py configs/shakespeare_char.py --max_iters=500   # later arguments win
     torchrun --standalone --nproc_per_node=8 train.py configs/openwebtext.py
 
-Writes out_dir/ckpt.pt, out_dir/config.json and out_dir/metrics.jsonl. Every random draw of a
-training micro-step (its batch and its dropout masks) is derived from (seed, iteration, global
-micro-step index): a resumed run repeats the uninterrupted one exactly, and N processes train on the
-same global batches as one process.
+Writes out_dir/ckpt.pt, config.json and metrics.jsonl. A micro-step's random draws (its batch, its
+dropout) derive from (seed, iteration, global micro-step index): a resumed run repeats the uninterrupted
+one exactly, and N processes train on the same global batches as one.
 
-Reading order: train() and its loop and step, then saves; evaluation; setup, a few calls into the
-modules that hold each part. The config, its every key and its checks, is train_config.py; what a loss
-is computed on (a text set's windows, a chat set's rows), batches.py; adapters on a loaded model,
-lora.py; processes, stop signals and DDP / FSDP / compile, distributed.py.
+Reading order: train(), its loop and step; evaluation; setup, a few calls into the modules that hold
+each part: train_config.py (every key), batches.py (what a loss is computed on), lora.py (adapters on
+a loaded model), distributed.py (processes, stop signals, DDP / FSDP / compile).
 """
 
 import json
@@ -24,6 +22,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,19 +38,18 @@ from checkpoint import (
     TOKENIZER_DIR,
     CheckpointError,
     find_checkpoint,
-    load_checkpoint,
+    load_model_and_tokenizer,
     lock_out_dir,
-    model_from_checkpoint,
     prune_checkpoints,
     restore_training_state,
     save_training_state,
 )
 from dataset import check_data_fits, load_meta, resolve_data_dir
-from distributed import agreed_stop_signal, parallelize, processes, stop_group, stop_signals_caught
+from distributed import agreed_stop_signal, parallelize, processes, stop_signals_caught
 from lora import Adapted, add_adapters
 from loss_eval import all_reduce_sum
 from memory import check_model_fits, max_memory_allocated_bytes, memory_per_process
-from metrics import MetricsLog, open_metrics_log
+from metrics import MetricsLog, start_wandb
 from model import GPT, GPTConfig
 from optim import make_optimizers
 from runtime import (
@@ -66,7 +64,7 @@ from runtime import (
     world,
 )
 from tasks import score_tasks
-from tokenizer import copy_hf_tokenizer, tokenizer_entry
+from tokenizer import copy_hf_tokenizer, tokenizer_entry_from_meta
 from train_config import RUN_CONFIG_NAME, SHAPE_KEYS, TrainConfig, check_config, fit_to_processes, read_config
 
 
@@ -99,7 +97,9 @@ def train(cfg: TrainConfig) -> int:
     group_of_one = cfg.parallelism == "fsdp"  # FSDP shards over a group, even of one process
     with stop_signals_caught(), processes(cfg.device, cfg.collective_timeout_s, group_of_one) as device:
         check_config(cfg)
-        run = setup(fit_to_processes(cfg, world()[1]), device, stop_group(cfg.collective_timeout_s))
+        timeout = timedelta(seconds=cfg.collective_timeout_s)  # gloo: agreeing never waits for the GPU
+        stop_group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
+        run = setup(fit_to_processes(cfg, world()[1]), device, stop_group)
         code = evaluate_only(run) if cfg.eval_only else train_loop(run)
         if dist.is_initialized():
             dist.barrier()  # all done with collectives: destroying the group while one is busy can abort
@@ -239,7 +239,7 @@ def save(run: Run) -> None:
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
         "config": asdict(run.cfg),
-        "tokenizer": tokenizer_entry(run.meta),
+        "tokenizer": tokenizer_entry_from_meta(run.meta),
         "scaler": run.scaler.state_dict(),
         **run.adapted.checkpoint_entries,
     }
@@ -408,8 +408,11 @@ def records_to_keep(cfg: TrainConfig, resumed: bool, iter_num: int) -> Callable[
 
 
 def open_metrics(cfg: TrainConfig, keep: Callable[[dict], bool] | None) -> MetricsLog:
+    """metrics.jsonl (and wandb, if asked) on rank 0; the other processes log nothing."""
+    if world()[0] != 0:
+        return MetricsLog(None, keep)
     wandb = dict(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg), dir=cfg.out_dir)
-    return open_metrics_log(cfg.out_dir, keep, wandb if cfg.wandb_log else None)
+    return MetricsLog(cfg.out_dir, keep, start_wandb(**wandb) if cfg.wandb_log else None)
 
 
 def new_optimizers(raw_model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -460,10 +463,11 @@ def init_model(cfg: TrainConfig, meta: dict, device: torch.device) -> tuple[GPT,
         raise UserError(
             f"init_from={cfg.init_from!r} is not 'scratch', 'resume' or an existing checkpoint or folder"
         )
-    checkpoint = load_checkpoint(path)
-    if "model_args" in checkpoint:  # dropout is a choice of this run, not part of the weights
-        checkpoint["model_args"] = {**checkpoint["model_args"], "dropout": cfg.dropout}
-    model = model_from_checkpoint(checkpoint, keep_adapters=cfg.init_from == "resume")
+    resuming = cfg.init_from == "resume"  # a resumed run trains its adapters on, if it has any
+    model, _, checkpoint = load_model_and_tokenizer(
+        path, tokenizer="none", keep_adapters=resuming, dropout=cfg.dropout
+    )
+    model.train()
     loaded = model.config
     changed = {k: getattr(loaded, k) for k in SHAPE_KEYS if getattr(loaded, k) != getattr(wanted, k)}
     if changed and cfg.init_from == "resume" and not cfg.eval_only:

@@ -99,9 +99,6 @@ SHAPE_KEYS = (
 )
 
 
-# --- checks ---------------------------------------------------------------------------------------
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Values no run can use, refused before any work (exit code 2)."""
     at_least_1 = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters")
@@ -141,9 +138,6 @@ def fit_to_processes(cfg: TrainConfig, world_size: int) -> TrainConfig:
             f"a multiple of the {world_size} processes: {steps // world_size} per process"
         )
     return replace(cfg, gradient_accumulation_steps=steps)
-
-
-# --- the command line ----------------------------------------------------------------------------
 
 
 def read_config(argv: list[str] | None) -> TrainConfig:

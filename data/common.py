@@ -29,9 +29,6 @@ def dtype_for_vocab(vocab_size: int) -> str:
     raise DataError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-# --- meta.json and token files ----------------------------------------------------------------
-
-
 def write_meta(data_dir: PathLike, meta: dict) -> None:
     text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
     atomic_write(Path(data_dir) / META_NAME, lambda f: f.write(text.encode("utf-8")))
@@ -112,9 +109,6 @@ class TokenSetWriter:
         if not self._committed:
             for tmp, _ in self._paths():
                 tmp.unlink(missing_ok=True)
-
-
-# --- text inputs (the Shakespeare scripts) ----------------------------------------------------
 
 
 def add_text_input_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:

@@ -81,12 +81,7 @@ def main() -> None:
         resume = (out_dir / CKPT_NAME).exists()
         flags = ["--max_iters=1000000"] + (["--init_from=resume"] if resume else [])
         log = (work / f"run{kill}.log").open("w")
-        proc = subprocess.Popen(
-            command(args, out_dir, *flags),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        proc = subprocess.Popen(command(args, out_dir, *flags), stdout=log, stderr=subprocess.STDOUT, env=env)
         before = logged_iterations(out_dir)
         while logged_iterations(out_dir) <= before and proc.poll() is None:  # until it trains
             time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""bench.py and plot.py run end to end at tiny sizes. Nothing here is timed: speed is bench.py's job."""
+"""bench.py, bench_features.py and plot.py run end to end at tiny sizes. Nothing here is timed: speed
+is the benchmarks' job."""
 
 import json
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 import bench
+import bench_features
 import plot
+import timing
 
 
 @pytest.fixture
@@ -63,10 +66,12 @@ def test_plot_without_metrics_exits_with_a_message(tmp_path, capsys):
 def test_bench_options_times_each_model_option_against_all_off(tmp_path, one_thread):
     out = tmp_path / "options.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--preset", "tiny", "--device", "cpu", "--options", "--json", str(out)])
+        bench_features.main(["--preset", "tiny", "--device", "cpu", "--options", "--json", str(out)])
     assert exit_info.value.code == 0
     results = json.loads(out.read_text())["option_tokens_per_s"]
-    assert set(results) == set(bench.OPTIONS) and all(v["on"] > 0 and v["off"] > 0 for v in results.values())
+    assert set(results) == set(bench_features.OPTIONS) and all(
+        v["on"] > 0 and v["off"] > 0 for v in results.values()
+    )
 
 
 def test_plot_overlays_several_runs_against_wall_time(tmp_path):
@@ -83,15 +88,15 @@ def test_plot_overlays_several_runs_against_wall_time(tmp_path):
 
 
 def test_peak_is_measured_with_a_matmul_large_enough_for_a_datacenter_gpu():
-    small = bench.PRESETS["small"]
-    assert bench.peak_matmul_size(small, torch.device("cuda", 0)) >= 8192
-    assert bench.peak_matmul_size(small, torch.device("cpu")) == small.matmul_size  # a CPU: a minute's work
+    small = timing.PRESETS["small"]
+    assert timing.peak_matmul_size(small, torch.device("cuda", 0)) >= 8192
+    assert timing.peak_matmul_size(small, torch.device("cpu")) == small.matmul_size  # a CPU: a minute's work
 
 
 def test_bench_lora_measures_memory_of_lora_against_full_fine_tuning(tmp_path, one_thread):
     out = tmp_path / "lora.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--preset", "tiny", "--device", "cpu", "--lora", "--json", str(out)])
+        bench_features.main(["--preset", "tiny", "--device", "cpu", "--lora", "--json", str(out)])
     assert exit_info.value.code == 0
     lora, full = (json.loads(out.read_text())["lora_memory"][k] for k in ("lora", "full"))
     for key in ("trained_params", "gradient_bytes", "optimizer_state_bytes"):

@@ -19,7 +19,7 @@ from chat_fixtures import prepare_chat_set
 from conftest import TORCHRUN, random_model
 
 import batches
-import bench
+import bench_features
 import train
 from checkpoint import CKPT_NAME, load_checkpoint, model_from_checkpoint
 from dataset import ChatRows, load_meta, read_starts, token_file
@@ -219,7 +219,7 @@ def test_a_damaged_chat_file_is_named_in_one_line(chat_set, tmp_path, damage, ca
 
 def test_packing_fills_rows_with_more_learned_tokens_than_one_per_row(chat_set):
     shape = dict(n_layer=1, n_head=2, n_embd=16)
-    figures = bench.bench_chat_packing(
+    figures = bench_features.bench_chat_packing(
         chat_set, shape, BLOCK, batch_size=4, steps=4, device=torch.device("cpu")
     )
     packed, single = figures["packed"], figures["one per row"]

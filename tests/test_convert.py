@@ -17,6 +17,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from conftest import random_model  # noqa: E402
 
 import convert  # noqa: E402  (after the skips: convert.py imports safetensors)
+import hf_mapping  # noqa: E402
 from checkpoint import (  # noqa: E402
     CKPT_NAME,
     load_checkpoint,
@@ -269,7 +270,7 @@ def test_unsupported_models_are_refused_with_a_clear_error(tmp_path, overrides, 
     hf_dir = save_hf_llama(tmp_path / "hf", **overrides)
     if edit:
         edit(hf_dir)
-    with pytest.raises(convert.ConvertError, match=message):
+    with pytest.raises(hf_mapping.ConvertError, match=message):
         convert.import_hf(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -290,7 +291,7 @@ def test_cli_refusal_is_one_line_on_stderr_and_exit_code_1(tmp_path):
 def test_import_does_not_overwrite_a_checkpoint_without_force(tmp_path):
     hf_dir = save_hf_llama(tmp_path / "hf")
     convert.import_hf(hf_dir, tmp_path / "out")
-    with pytest.raises(convert.ConvertError, match="already exists"):
+    with pytest.raises(hf_mapping.ConvertError, match="already exists"):
         convert.import_hf(hf_dir, tmp_path / "out")
     convert.import_hf(hf_dir, tmp_path / "out", force=True)
 
@@ -401,13 +402,13 @@ def their_config(family: str, config: GPTConfig, **overrides):
 
 
 def theirs_holding(model: GPT, family: str):
-    """transformers' model of the family, holding our weights (mapped by convert.weight_layout)."""
+    """transformers' model of the family, holding our weights (mapped by hf_mapping.weight_layout)."""
     theirs = transformers.AutoModelForCausalLM.from_config(their_config(family, model.config)).eval()
     missing, unexpected = theirs.load_state_dict(
-        convert.to_hf(model.state_dict(), model.config, torch.float32), strict=False
+        hf_mapping.to_hf(model.state_dict(), model.config, torch.float32), strict=False
     )
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    assert type(theirs).__name__ == convert.ARCHITECTURES[family]
+    assert type(theirs).__name__ == hf_mapping.ARCHITECTURES[family]
     return theirs
 
 
@@ -448,7 +449,7 @@ def test_exported_family_generates_like_transformers_past_the_window(tmp_path, f
     ours = train_and_save(tmp_path / "out", tie=True, tokenizer=CHAR_META, **FAMILY_OPTIONS[family])
     run_convert(["export", str(tmp_path / "out"), str(tmp_path / "hf")])
     theirs = load_hf(tmp_path / "hf")
-    assert type(theirs).__name__ == convert.ARCHITECTURES[family]
+    assert type(theirs).__name__ == hf_mapping.ARCHITECTURES[family]
     prompt = torch.randint(0, VOCAB, (2, 12))  # longer than the window
     with torch.no_grad():
         torch.testing.assert_close(all_logits(ours, prompt), theirs(prompt).logits, atol=1e-4, rtol=0)
@@ -472,7 +473,7 @@ def test_rope_scaling_and_rope_parameters_spellings_import_and_load_the_same(tmp
         hf_dir.mkdir()
         (hf_dir / "model.safetensors").write_bytes((tmp_path / "both" / "model.safetensors").read_bytes())
         (hf_dir / "config.json").write_text(json.dumps(config_json))
-        assert convert.gpt_config_from_hf(config_json).rope_scaling == LLAMA3, name
+        assert hf_mapping.gpt_config_from_hf(config_json).rope_scaling == LLAMA3, name
         if name == "v5" and int(transformers.__version__.split(".")[0]) < 5:
             continue  # transformers 4 does not read rope_parameters: what "both" is for
         with torch.no_grad():
@@ -659,10 +660,10 @@ PUBLISHED = json.loads(Path(__file__).with_name("published_configs.json").read_t
 def test_published_configs_of_known_models_import_with_their_parameter_count_and_export_as_their_class(name):
     """The models known to fit (docs/models.md), by their config.json as published on the hub."""
     hf = PUBLISHED[name]["config.json"]
-    config = convert.gpt_config_from_hf(hf)
+    config = hf_mapping.gpt_config_from_hf(hf)
     with torch.device("meta"):  # shapes only
         assert GPT(config).get_num_params() == PUBLISHED[name]["parameters"]
-    assert convert.hf_config(config, torch.bfloat16)["architectures"] == hf["architectures"]
+    assert hf_mapping.hf_config(config, torch.bfloat16)["architectures"] == hf["architectures"]
 
 
 def test_export_folders_of_the_readme_are_ignored_by_git():

@@ -13,7 +13,7 @@ import pytest
 from data.common import TokenSetWriter, dtype_for_vocab
 from dataset import load_meta
 from runtime import UserError
-from tokenizer import get_tokenizer, tokenizer_entry
+from tokenizer import get_tokenizer, tokenizer_entry_from_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UNREACHABLE_URL = "http://127.0.0.1:9/input.txt"  # the discard port: refused at once, no network touched
@@ -266,7 +266,9 @@ def test_tokenizer_of_a_checkpoint_gives_the_ids_of_the_set_it_was_trained_on(
 
     char_set = shakespeare_sets["shakespeare_char"]
     (tmp_path / "run").mkdir()
-    save_checkpoint({"tokenizer": tokenizer_entry(load_meta(char_set))}, tmp_path / "run" / CKPT_NAME)
+    save_checkpoint(
+        {"tokenizer": tokenizer_entry_from_meta(load_meta(char_set))}, tmp_path / "run" / CKPT_NAME
+    )
     result = prepare(
         "shakespeare",
         "--input",

@@ -26,7 +26,7 @@ import train
 from checkpoint import CKPT_NAME, load_checkpoint, load_model_and_tokenizer, save_checkpoint
 from model import GPT, GPTConfig
 from runtime import UserError
-from tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_entry
+from tokenizer import CharTokenizer, TiktokenTokenizer, get_tokenizer, tokenizer_entry_from_meta
 
 TASK = Path(__file__).resolve().parent / "tiny_task.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def overfit_run(char_data, tmp_path_factory) -> Path:
         "model_args": asdict(config),
         "iter_num": 120,
         "config": {"data_dir": str(char_data)},
-        "tokenizer": tokenizer_entry(meta),
+        "tokenizer": tokenizer_entry_from_meta(meta),
     }
     save_checkpoint(checkpoint, out / CKPT_NAME)
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer import Tokenizer, get_tokenizer, tokenizer_entry
+from tokenizer import Tokenizer, get_tokenizer, tokenizer_entry_from_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_a_checkpoint_records_the_tokenizer_entries_of_meta_json_only():
         "train_tokens": 9,
         "val_tokens": 1,
     }
-    assert tokenizer_entry(meta) == {"tokenizer": "char", "chars": ["a"], "vocab_size": 1}
+    assert tokenizer_entry_from_meta(meta) == {"tokenizer": "char", "chars": ["a"], "vocab_size": 1}
 
 
 STREAM_TEXT = "naïve café — ✓ 日本語 🙂 and plain ASCII."

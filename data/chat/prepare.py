@@ -71,10 +71,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from checkpoint import tokenizer_entry_of  # imports torch: after the arguments are checked
+    from checkpoint import tokenizer_entry_from_folder  # imports torch: after the arguments are checked
     from tokenizer import get_tokenizer
 
-    entry = tokenizer_entry_of(args.tokenizer)
+    entry = tokenizer_entry_from_folder(args.tokenizer)
     template = None
     if args.chat_template:
         if not args.chat_template.is_file():

@@ -2,8 +2,7 @@
 
     python data/openwebtext/prepare.py [--input PATH] [--out_dir DIR] [--num_proc N]
 
-Without --input the corpus comes from the Hugging Face hub (~8M documents, ~9B tokens; tens of GB to
-download).
+Without --input the corpus comes from the Hugging Face hub (~8M documents, ~9B tokens; tens of GB).
 --input reads local documents instead:
   .txt      one document per file, read whole (as the original OpenWebText release: a folder of pages)
   .jsonl    one document per line, in the "text" field

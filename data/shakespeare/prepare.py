@@ -40,9 +40,9 @@ def main() -> None:
     text = read_input_text(args)
     train_text, val_text = split_text(text)
     if args.tokenizer:
-        from checkpoint import tokenizer_entry_of  # imports torch: only here
+        from checkpoint import tokenizer_entry_from_folder  # imports torch: only here
 
-        entry = tokenizer_entry_of(args.tokenizer)
+        entry = tokenizer_entry_from_folder(args.tokenizer)
         tokenizer = get_tokenizer(entry)
         encode, meta = tokenizer.encode, {**entry, "vocab_size": tokenizer.vocab_size}
     else:

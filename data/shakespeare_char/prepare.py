@@ -8,13 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import (
-    TokenSetWriter,
-    add_text_input_args,
-    dtype_for_vocab,
-    read_input_text,
-    split_text,
-)
+from data.common import TokenSetWriter, add_text_input_args, dtype_for_vocab, read_input_text, split_text
 from runtime import exit_on_error
 
 
