@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import jinja2
+
 from runtime import UserError
 from tokenizer import HFTokenizer, Tokenizer
 
@@ -37,9 +39,24 @@ def check_messages(messages: object, where: str) -> Messages:
         content = message.get("content")
         if not isinstance(content, str) or not content:
             raise UserError(f"{where}: message {n} ({message['role']}) has empty or non-text content")
+        check_text(content, f"{where}: message {n}")
+    if messages[0]["role"] == "assistant":
+        raise UserError(
+            f"{where}: message 1 is the assistant's; a conversation starts with a system or user one"
+        )
     if not any(message["role"] == "assistant" for message in messages):
         raise UserError(f"{where}: no assistant turn, so nothing to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_text(text: str, what: str) -> str:
+    """text, if it is Unicode a tokenizer can encode: a lone surrogate (JSON's "\\ud800", or an argument
+    of bytes that are not UTF-8) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return text
 
 
 def read_conversations(path: Path) -> list[Messages]:
@@ -68,10 +85,15 @@ def read_conversations(path: Path) -> list[Messages]:
 
 
 class ChatFormat:
-    """A Hugging Face tokenizer with a chat template: the template of its folder, or `template` (the
-    text of a Jinja file) in its place."""
+    """A Hugging Face tokenizer with a chat template: the template of its folder, or `template` (a
+    Jinja file, or its text) in its place."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str | None = None, source: str = "the tokenizer"):
+    def __init__(
+        self, tokenizer: Tokenizer, template: str | Path | None = None, source: str = "the tokenizer"
+    ):
+        self.origin = f"in {template}" if isinstance(template, Path) else f"of {source}"
+        if isinstance(template, Path):
+            template = read_text_file(template, "the chat template")
         if not isinstance(tokenizer, HFTokenizer):
             raise UserError(
                 f"{source} is a {type(tokenizer).__name__} without a chat template or end-of-turn token: "
@@ -92,28 +114,33 @@ class ChatFormat:
         # A reply ends at the end of its turn, or at the end of text should the model say that instead.
         self.stop_ids = {self.end_of_turn} | ({tokenizer.eot_token} - {None})
 
-    def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def apply(self, messages: Messages, where: str, **options) -> str | dict:
+        """transformers' apply_chat_template with this template; a Jinja error (bad syntax, or the
+        template's raise_exception refusing the conversation) is a UserError naming the template."""
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.template, **options)
+        except jinja2.TemplateSyntaxError as e:
+            raise UserError(
+                f"the chat template {self.origin} is not valid Jinja: {e} (line {e.lineno})"
+            ) from None
+        except (jinja2.TemplateError, ArithmeticError, TypeError) as e:  # {{ 1 / 0 }}, {{ 'a' + 1 }}, ...
+            raise UserError(f"{where}: the chat template {self.origin} fails on it: {e}") from None
 
-    def prompt(self, messages: Messages) -> list[int]:
+    def render(self, messages: Messages, where: str, add_generation_prompt: bool = False) -> str:
+        return self.apply(messages, where, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def prompt(self, messages: Messages, where: str = "the conversation") -> list[int]:
         """The tokens of messages plus the generation prompt: what the model continues with a reply."""
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=True, return_dict=True, add_generation_prompt=True
-        )["input_ids"]
+        return self.apply(messages, where, tokenize=True, return_dict=True, add_generation_prompt=True)[
+            "input_ids"
+        ]
 
     def encode(self, messages: Messages, where: str) -> tuple[list[int], list[int]]:
         """The tokens of a conversation and its loss mask (1: learned), as the module docstring says."""
-        encoded = self.tok.apply_chat_template(
-            messages,
-            chat_template=self.template,
-            tokenize=True,
-            return_dict=True,
-            tokenizer_kwargs={"return_offsets_mapping": True},
-        )
+        options = {"tokenizer_kwargs": {"return_offsets_mapping": True}}
+        encoded = self.apply(messages, where, tokenize=True, return_dict=True, **options)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        text = self.render(messages)
+        text = self.render(messages, where)
         learned = [0] * len(ids)
         for turn, message in enumerate(messages):
             if message["role"] == "assistant":
@@ -124,8 +151,8 @@ class ChatFormat:
     def reply_span(self, messages: Messages, turn: int, text: str, where: str) -> tuple[int, int]:
         """Where the assistant's message `turn` sits in the rendered text: after the generation prompt of
         the turns before it, up to the end of its own turn."""
-        before = self.render(messages[:turn], add_generation_prompt=True)
-        through = self.render(messages[: turn + 1])
+        before = self.render(messages[:turn], where, add_generation_prompt=True)
+        through = self.render(messages[: turn + 1], where)
         if not (text.startswith(before) and text.startswith(through)):
             raise UserError(
                 f"{where}: the chat template renders earlier turns differently once later ones follow "
@@ -162,13 +189,11 @@ def read_text_file(path: Path, what: str) -> str:
         raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def chat_template(entry: dict, template_file: str | None) -> str | None:
-    """The template to chat with: that of template_file (a --chat_template flag) if given, else the one
-    the checkpoint's tokenizer entry carries (data/chat/prepare.py --chat_template); None: the tokenizer
+def chat_template(entry: dict, template_file: str | None) -> str | Path | None:
+    """The template to chat with: template_file (a --chat_template flag) if given, else the one the
+    checkpoint's tokenizer entry carries (data/chat/prepare.py --chat_template); None: the tokenizer
     folder's own."""
-    if template_file:
-        return read_text_file(Path(template_file), "the chat template")
-    return entry.get("chat_template")
+    return Path(template_file) if template_file else entry.get("chat_template")
 
 
 def reply_tokens(steps: Iterator, stop_ids: set[int]) -> Iterator:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from chat import ChatFormat, Messages, chat_template, read_text_file, reply_tokens
+from chat import ChatFormat, Messages, chat_template, check_text, read_text_file, reply_tokens
 from checkpoint import load_model_and_tokenizer
 from configurator import AT_LEAST_1, AT_LEAST_1_OR_NONE, NOT_NEGATIVE, check_values, parse_config
 from generate import COMPILE_MIN_TOKENS, compile_decode_step, generate_tokens, kv_cache_length, should_compile
@@ -203,12 +203,15 @@ def user_messages(start: str) -> Iterator[str]:
         message = read_prompt(start)
         if not message.strip():
             raise UserError("the chat message in start is empty: give it some text")
-        yield message
+        yield check_text(message, "the chat message in start")
         return
     while True:
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise UserError(f"the chat's input is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not line.strip():
             return
         yield line.rstrip("\r\n")
@@ -217,16 +220,16 @@ def user_messages(start: str) -> Iterator[str]:
 def fitted_prompt(chat: ChatFormat, history: Messages, block_size: int) -> list[int]:
     """The tokens of history plus the generation prompt, within block_size: the oldest exchanges (a
     user message and its reply; a system message stays) are dropped from history until they fit, with
-    a note on stderr. The latest message alone too long is an error: a cut template is no prompt."""
+    a note on stderr. The latest message alone too long is an error, history untouched: a cut template
+    is no prompt."""
     first = 1 if history[0]["role"] == "system" else 0
+    if len(alone := chat.prompt([*history[:first], history[-1]])) > block_size:
+        raise UserError(
+            f"the message{' and the system message take' if first else ' takes'} {len(alone)} tokens in "
+            f"the chat template, more than the model's context (block_size {block_size}): send a shorter one"
+        )
     dropped = 0
     while len(prompt_ids := chat.prompt(history)) > block_size:
-        if len(history) - first == 1:
-            raise UserError(
-                f"the message{' and the system message' if first else ''} take {len(prompt_ids)} tokens "
-                f"in the chat template, more than the model's context (block_size {block_size}): send a "
-                "shorter one"
-            )
         del history[first : first + 2]
         dropped += 1
     if dropped:
@@ -258,11 +261,18 @@ def converse(
     up to its end-of-turn token (or end of text), and joins the history."""
     cfg = replace(cfg, compile=False)  # each turn has its own cache length: a compile would not pay
     chat = ChatFormat(tokenizer, chat_template(entry, cfg.chat_template), f"the tokenizer of {cfg.out_dir}")
-    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    history = [{"role": "system", "content": check_text(cfg.system, "system")}] if cfg.system else []
     sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
     for message in user_messages(cfg.start):
         history.append({"role": "user", "content": message})
-        prompt_ids = fitted_prompt(chat, history, model.config.block_size)
+        try:
+            prompt_ids = fitted_prompt(chat, history, model.config.block_size)
+        except UserError as e:
+            if cfg.start:  # the one message of the chat
+                raise
+            print(f"error: {e}; the chat goes on without it", file=sys.stderr)
+            history.pop()
+            continue
         check_kv_cache_fits(model.config, 1, len(prompt_ids), cfg.max_new_tokens, device, dtype)
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
 

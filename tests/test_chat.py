@@ -174,7 +174,12 @@ GOOD = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel
         (json.dumps({"messages": GOOD[:1]}), "line 2: no assistant turn"),
         (json.dumps({"messages": [GOOD[0], {"role": "assistant", "content": ""}]}), "message 2 (assistant)"),
         (json.dumps({"messages": []}), "'messages' must be a non-empty list"),
-    ],
+        (json.dumps({"messages": GOOD[::-1]}), "line 2: message 1 is the assistant's"),
+        (
+            '{"messages": [{"role": "user", "content": "\\ud800"}, ' + json.dumps(GOOD[1]) + "]}",
+            "line 2: message 1 is not valid Unicode text (surrogates not allowed at character 0)",
+        ),
+    ],  # fmt: skip
 )
 def test_bad_conversations_are_refused_in_one_line_naming_the_line(tmp_path, line, message):
     save_chat_tokenizer(tmp_path / "tokenizer", "qwen3")
@@ -182,6 +187,23 @@ def test_bad_conversations_are_refused_in_one_line_naming_the_line(tmp_path, lin
     source.write_text(json.dumps({"messages": GOOD}) + "\n" + line + "\n", encoding="utf-8")
     code, err = run_prepare(tmp_path, source)
     assert code == 1 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}{{ m.content }}", "is not valid Jinja: Unexpected end of template."),
+        ("{{ raise_exception('no system messages') }}", "fails on it: no system messages"),
+        ("{{ 1 / 0 }}", "fails on it: division by zero"),
+    ],
+)
+def test_a_broken_chat_template_file_is_one_line_naming_it(tmp_path, template, message):
+    save_chat_tokenizer(tmp_path / "tokenizer", "qwen3")
+    (tmp_path / "broken.jinja").write_text(template, encoding="utf-8")
+    source = write_jsonl(tmp_path / "c.jsonl", conversations(4))
+    code, err = run_prepare(tmp_path, source, f"--chat_template={tmp_path / 'broken.jinja'}")
+    assert code == 1 and err.count("\n") == 1 and f"the chat template in {tmp_path / 'broken.jinja'} " in err
+    assert message in err, err
 
 
 def test_tokenizers_that_cannot_chat_are_refused_in_one_line(tmp_path, finished_run):

@@ -176,6 +176,24 @@ def test_a_history_beyond_block_size_drops_its_oldest_exchanges(capsys, monkeypa
     assert f"(block_size {block_size}): dropped its oldest 1 exchange(s)" in err
 
 
+def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(capsys, monkeypatch, tmp_path):
+    run = answering_run(tmp_path, block_size=64)
+    long = " ".join(["the cat sat on a mat"] * 20)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\n{USER[0]['content']}\n{long}\n"))
+    out, err = chat(capsys, run)
+    assert out == ANSWER + "\n"  # the message between the two long ones is answered
+    assert err.count("error: the message takes ") == 2, err
+    assert err.count("(block_size 64): send a shorter one; the chat goes on without it") == 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\n"))
+    _, err = chat(capsys, run, "--system=be brief")
+    assert "error: the message and the system message take " in err
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.mark.parametrize("run", ["qwen3_run", "llama_run", "answering"])
 def test_the_export_replies_in_transformers_as_sample_chat_does(capsys, request, tmp_path, run):
     out_dir = request.getfixturevalue(run)
@@ -237,6 +255,7 @@ def refusal(capsys, argv: list[str], module=sample) -> tuple[int, str]:
         ("char tokenizer", "is a CharTokenizer without a chat template or end-of-turn token", 1),
         ("tiktoken tokenizer", "is a TiktokenTokenizer without a chat template or end-of-turn token", 1),
         ("missing template file", "cannot read the chat template", 1),
+        ("broken template file", "broken.jinja is not valid Jinja: unexpected '}' (line 1)", 1),
         ("empty message", "the chat message in start is empty", 1),
         ("message longer than block_size", "more than the model's context (block_size 256)", 1),
         ("two samples", "chat decodes one reply at a time", 2),
@@ -262,6 +281,7 @@ def test_bad_chat_input_is_one_line_with_the_policy_exit_code(
     }.get(case, lambda: qwen3_run)()
     flags = {
         "missing template file": [f"--chat_template={tmp_path / 'absent.jinja'}"],
+        "broken template file": [f"--chat_template={write_text(tmp_path / 'broken.jinja', '{{ }')}"],
         "empty message": ["--start= \n"],
         "message longer than block_size": ["--start=" + "the cat " * 200],
         "two samples": ["--num_samples=2"],

@@ -75,14 +75,10 @@ def main() -> None:
     from tokenizer import get_tokenizer
 
     entry = tokenizer_entry_from_folder(args.tokenizer)
-    template = None
-    if args.chat_template:
-        if not args.chat_template.is_file():
-            raise DataError(f"--chat_template {args.chat_template} does not exist or is not a file")
-        template = args.chat_template.read_text(encoding="utf-8")
-        entry["chat_template"] = template  # travels with the data set into checkpoints and exports
     tokenizer = get_tokenizer(entry)
-    chat = ChatFormat(tokenizer, template, source=f"the tokenizer of {args.tokenizer}")
+    chat = ChatFormat(tokenizer, args.chat_template, source=f"the tokenizer of {args.tokenizer}")
+    if args.chat_template:
+        entry["chat_template"] = chat.template  # travels with the data set into checkpoints and exports
     if args.input:
         conversations = read_conversations(args.input)
     else:
