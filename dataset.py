@@ -64,7 +64,7 @@ def load_meta(data_dir: Path) -> dict:
         bin_path = token_file(data_dir, split)
         size = bin_path.stat().st_size if bin_path.is_file() else None
         if size != n_tokens * itemsize:
-            found = "is missing" if size is None else f"holds {size // itemsize:,} tokens"
+            found = "is missing" if size is None else f"holds {size / itemsize:,.15g} tokens"
             raise UserError(f"{bin_path} {found} but {META_NAME} says {n_tokens:,}: {redo}")
     if meta.get("chat"):
         check_chat_files(data_dir, meta, path, redo)
@@ -86,8 +86,12 @@ def check_chat_files(data_dir: Path, meta: dict, path: Path, redo: str) -> None:
             size = bin_path.stat().st_size if bin_path.is_file() else None
             itemsize = np.dtype(KIND_DTYPES[kind]).itemsize
             if size != count * itemsize:
-                found = "is missing" if size is None else f"holds {size // itemsize:,} {what}"
+                found = "is missing" if size is None else f"holds {size / itemsize:,.15g} {what}"
                 raise UserError(f"{bin_path} {found} but {META_NAME} says {count:,}: {redo}")
+        mask_path = token_file(data_dir, split, "mask")
+        largest = int(np.memmap(mask_path, dtype=np.uint8, mode="r").max()) if n_tokens else 0
+        if largest > 1:  # a weight of the loss, were it used
+            raise UserError(f"{mask_path} holds a byte {largest}; a loss mask's bytes are 0 or 1: {redo}")
         starts = read_starts(data_dir, split)
         if starts[0] != 0 or starts[-1] != n_tokens or np.any(np.diff(starts) < 1):
             raise UserError(

@@ -47,7 +47,7 @@ class Example:
 class ChatTaskOptions:
     """How chat tasks are scored (eval.py's flags of the same names)."""
 
-    template: str | None = None  # the text of a Jinja chat template in place of the tokenizer's own
+    template: str | Path | None = None  # a Jinja chat template (a file, or its text) for the tokenizer's own
     max_new_tokens: int = 256  # a reply is cut after this many tokens (and then most likely wrong)
     normalize: bool = False  # compare replies and answers stripped of surrounding whitespace, case-folded
 
@@ -365,9 +365,12 @@ def greedy_reply(
     model: GPT, chat: ChatFormat, messages: Messages, max_new_tokens: int, device: torch.device
 ) -> list[int]:
     """The tokens of the model's greedy reply to messages, up to its end of turn. A prompt longer than
-    block_size keeps its end, as generate_tokens does."""
+    block_size keeps its end, as generate_tokens does. A sharded model decodes all max_new_tokens (a
+    forward pass each) whatever the reply's length, so that every process makes as many collectives."""
     idx = torch.tensor([chat.prompt(messages)], dtype=torch.long, device=device)
     steps = generate_tokens(model, idx, max_new_tokens, temperature=0.0)
+    if isinstance(model, FSDPModule):
+        steps = (token for token in list(steps))  # every step taken before the reply is cut
     return [int(token) for token in reply_tokens(steps, chat.stop_ids)]
 
 
@@ -381,8 +384,6 @@ def exact_match(
 ) -> dict[str, float]:
     """The fraction of examples whose greedy reply to all but their last message is that message's
     content, shared out among the processes (each scores every world_size-th)."""
-    if isinstance(model, FSDPModule):  # each reply has its own number of forward passes, each a collective
-        raise UserError("chat tasks cannot be scored on a sharded model: score the checkpoint with eval.py")
     rank, world_size = world()
     was_training = model.training
     model.eval()
@@ -394,6 +395,8 @@ def exact_match(
         if options.normalize:
             reply, answer = reply.strip().casefold(), answer.strip().casefold()
         right += reply == answer
+    if isinstance(model, FSDPModule) and rank >= len(examples) % world_size > 0:  # one example fewer
+        keep_in_step(model, options.max_new_tokens, device, autocast)
     model.train(was_training)
     hits = all_reduce_sum(torch.tensor([right], device=device))
     return {"exact_match": hits.item() / len(examples)}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from chat_fixtures import prepare_chat_set
+from chat_fixtures import conversations, prepare_chat_set, write_jsonl
 from conftest import TORCHRUN, random_model
 
 import batches
@@ -171,7 +171,11 @@ def test_a_resumed_chat_run_repeats_the_uninterrupted_one_exactly(chat_set, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(chat_set, tmp_path, parallelism):
+    """Losses, and the scores of a chat task: 5 replies, so one process has one fewer (under FSDP each
+    forward pass is a collective, and it keeps in step without one)."""
+    task = write_jsonl(tmp_path / "task.jsonl", conversations(5, seed=1))
     flags = ("--max_iters=3", "--batch_size=2", "--gradient_accumulation_steps=4", "--eval_full=True")
+    flags += (f"--eval_tasks={task}", "--eval_interval=3")
     command = [*TORCHRUN, str(REPO / "train.py"), f"--out_dir={tmp_path / 'two'}", f"--data_dir={chat_set}"]
     result = subprocess.run(
         [*command, *TINY, *flags, f"--parallelism={parallelism}"],
@@ -180,7 +184,7 @@ def test_two_processes_match_one_process(chat_set, tmp_path, parallelism):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_train(tmp_path / "one", chat_set, *flags)
-    for key in ("loss", "val_loss", "val_loss_full"):
+    for key in ("loss", "val_loss", "val_loss_full", "task/exact_match"):
         two, one = losses(tmp_path / "two", key), losses(tmp_path / "one", key)
         assert sorted(two) == sorted(one) and one, key
         for it, loss in one.items():
@@ -196,25 +200,33 @@ def test_no_conversation_that_fits_block_size_is_refused_in_one_line(chat_set, t
 
 
 @pytest.mark.parametrize(
-    "damage", ["mask", "starts", "offsets"], ids=["short-mask", "short-starts", "bad-offsets"]
+    "damage",
+    ["mask", "starts", "offsets", "mask-7"],
+    ids=["short-mask", "short-starts", "bad-offsets", "a-7-in-the-mask"],
 )
 def test_a_damaged_chat_file_is_named_in_one_line(chat_set, tmp_path, damage, capsys):
     data = tmp_path / "data"
     data.mkdir()
     for path in chat_set.iterdir():
         (data / path.name).write_bytes(path.read_bytes())
-    kind = "mask" if damage == "mask" else "starts"
+    kind = "mask" if damage.startswith("mask") else "starts"
     path = token_file(data, "val", kind)
     if damage == "offsets":
         starts = read_starts(data, "val")
         starts[1], starts[2] = starts[2], starts[1]
         path.write_bytes(starts.tobytes())
+    elif damage == "mask-7":  # the size is right; a byte is neither 0 (not learned) nor 1 (learned)
+        mask = bytearray(path.read_bytes())
+        mask[len(mask) // 2] = 7
+        path.write_bytes(bytes(mask))
     else:
         path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(SystemExit):
         train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *TINY])
     err = capsys.readouterr().err.strip()
     assert str(path) in err and "prepare the data set again" in err and "\n" not in err
+    if damage == "mask-7":
+        assert "holds a byte 7; a loss mask's bytes are 0 or 1" in err
 
 
 def test_packing_fills_rows_with_more_learned_tokens_than_one_per_row(chat_set):
