@@ -37,6 +37,8 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ids. An id past the vocabulary (a model's padding: GPT-2's 50,257 ids padded to
+        50,304) stands for nothing; an untrained model samples them."""
         raise NotImplementedError
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -65,7 +67,7 @@ class CharTokenizer(Tokenizer):
         return [self.stoi[ch] for ch in text]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.itos[i] for i in ids)
+        return "".join(self.itos[i] for i in ids if i < self.vocab_size)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
@@ -94,10 +96,10 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode(list(ids))
+        return self.enc.decode([i for i in ids if i < self.vocab_size])
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.enc.decode_bytes(list(ids))
+        return self.enc.decode_bytes([i for i in ids if i < self.vocab_size])
 
     def save_hf(self, directory: Path) -> None:
         """A byte-level BPE tokenizer.json from tiktoken's own ranks and split pattern (no download)."""

@@ -3,15 +3,18 @@ set by hand to repeat a text whose BPE tokens split multi-byte characters."""
 
 import dataclasses
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY
+from test_errors import set_meta
 
 import sample
+import train
 from checkpoint import CKPT_NAME, load_model_and_tokenizer, save_checkpoint
 from generate import generate
 from model import GPT, GPTConfig
@@ -305,3 +308,23 @@ def test_help_documents_the_defined_behaviours(capsys):
         "larger than the memory free",
     ):
         assert documented in help_text
+
+
+def test_a_model_with_more_ids_than_its_characters_samples_only_characters(char_data, tmp_path, capsys):
+    """An edited meta.json (vocab_size 200 for 65 characters): the model has 200 ids, the tokenizer 65,
+    and an untrained model samples the others, which stand for nothing."""
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    set_meta(data, vocab_size=200)
+    with pytest.raises(SystemExit, match="0"):
+        train.main([f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *TINY])
+    model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "out")
+    assert (model.config.vocab_size, tokenizer.vocab_size) == (200, 65)
+    torch.manual_seed(0)
+    assert (generate(model, torch.zeros((1, 1), dtype=torch.long), 100) >= 65).any()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="0"):
+        sample.main([f"--out_dir={tmp_path / 'out'}", "--max_new_tokens=100", "--seed=0"])
+    assert set(capsys.readouterr().out) <= set(tokenizer.itos)
+    gpt2 = get_tokenizer({"tokenizer": "tiktoken", "encoding": "gpt2"})  # padded to 50,304 ids in train.py
+    assert gpt2.decode([50300, 15496]) == gpt2.decode([15496]) and gpt2.decode_bytes([50303]) == b""
