@@ -17,7 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from runtime import ConfigError, UserError, pick_device, world
+from runtime import ConfigError, UserError, pick_device, report_error, world
 
 SIGTERM_GRACE_S = 25  # torchrun kills its workers 30 s after passing them its own SIGTERM
 
@@ -78,11 +78,9 @@ def exit_when_stuck_after_sigterm() -> Iterator[None]:
             pass
         if received:
             time.sleep(SIGTERM_GRACE_S)
-            print(
+            report_error(
                 f"error: rank {world()[0]} did not stop within {SIGTERM_GRACE_S} s of SIGTERM (blocked in a "
-                "collective by another process): exiting unsaved; the last checkpoint is intact",
-                file=sys.stderr,
-                flush=True,
+                "collective by another process): exiting unsaved; the last checkpoint is intact"
             )
             os._exit(143)
 

@@ -11,11 +11,14 @@ too, and they start in a fifth of a second without torch, in over a second with 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import re
 import secrets
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -46,6 +49,7 @@ class CheckpointError(UserError):
 
 
 DEBUG_ENV = "LLM_TRAIN_DEBUG"  # set to 1 to see the traceback behind an error message
+TORCHRUN_REPORT_DELAY_S = 3.0  # torchrun polls its workers every 0.1 s; a process exits within a second
 OS_ERROR_HINTS = {
     errno.ENOSPC: "free some disk space or write somewhere else",
     errno.EDQUOT: "free some of your disk quota or write somewhere else",
@@ -106,8 +110,23 @@ def exit_on_error(run: Callable[[], int | None]) -> NoReturn:
             code = 1
         if debug_mode():
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr)
+        report_error(f"error: {message}")
     sys.exit(code)
+
+
+def report_error(line: str) -> None:
+    """line on stderr; under torchrun, in its error file instead: torchrun's failure report then shows
+    it, once, as the root cause. A process other than rank 0 waits first, so that when every process
+    fails alike, torchrun has seen rank 0 fail and stops the others before they write theirs."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each of its workers
+    if error_file:
+        if os.environ.get("RANK", "0") != "0":
+            time.sleep(TORCHRUN_REPORT_DELAY_S)
+        with contextlib.suppress(OSError), open(error_file, "w") as f:
+            record = {"py_callstack": line, "timestamp": str(int(time.time()))}  # the report shows the first
+            json.dump({"message": {"message": line, "extraInfo": record}}, f)
+            return
+    print(line, file=sys.stderr)
 
 
 # --- device and precision -------------------------------------------------------------------------
