@@ -280,6 +280,8 @@ def model_from_checkpoint(checkpoint: dict, keep_adapters: bool = False) -> GPT:
     except (TypeError, ValueError, RuntimeError) as e:  # unknown model_args, bad shapes, mismatched weights
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint does not describe a valid model: {reason}") from e
+    if broken := next((name for name, t in model.state_dict().items() if not t.isfinite().all()), None):
+        raise CheckpointError(f"{broken} holds NaN or inf: the run diverged, or the checkpoint is damaged")
     if lora:
         check_lora_base(model, lora)
         if not keep_adapters:

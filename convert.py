@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from chat import ChatFormat
 from checkpoint import (
     CKPT_NAME,
+    LATEST_SHARDED,
     TOKENIZER_DIR,
     clean_state_dict,
     find_checkpoint,
@@ -177,6 +178,8 @@ def export_hf(
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and not hf_dir.is_dir():
         raise ConvertError(f"HF_DIR {hf_dir} is a file: choose a folder")
+    if (hf_dir / CKPT_NAME).exists() or (hf_dir / LATEST_SHARDED).exists():  # its config.json is the run's
+        raise ConvertError(f"HF_DIR {hf_dir} holds a training run: export into a folder of its own")
     if hf_dir.is_dir() and any(hf_dir.iterdir()) and not force:
         raise ConvertError(
             f"HF_DIR {hf_dir} is not empty: choose a new folder, or pass --force to write into it "

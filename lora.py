@@ -37,8 +37,12 @@ class LoRAConfig:
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
-        if self.rank < 1:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"lora_rank must be at least 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0 and 0 <= self.dropout < 1):
+            raise ValueError(
+                f"lora_alpha must be over 0 and lora_dropout in [0, 1): {self.alpha}, {self.dropout}"
+            )
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(
@@ -165,7 +169,12 @@ def base_fingerprint(model: GPT) -> str:
 
 def lora_config(entry: dict) -> LoRAConfig:
     """The adapters' settings in a checkpoint's lora entry (which also holds the base's fingerprint)."""
-    return LoRAConfig(**{key: value for key, value in entry.items() if key != "base_fingerprint"})
+    try:
+        if entry.keys() != {"rank", "alpha", "dropout", "targets", "base_fingerprint"}:
+            raise ValueError(f"its keys are {', '.join(entry)}")
+        return LoRAConfig(**{key: value for key, value in entry.items() if key != "base_fingerprint"})
+    except (AttributeError, TypeError, ValueError) as e:  # not a dict, a value of the wrong type, ...
+        raise CheckpointError(f"the checkpoint's lora entry is damaged ({e}): use the run's own") from None
 
 
 def check_lora_base(model: GPT, entry: dict, hint: str = "") -> None:

@@ -8,6 +8,7 @@ else RLIMIT_FSIZE), a read-only file system, a truncated shard, a stopped rank.
 """
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -35,6 +37,7 @@ import sample
 import train
 from checkpoint import CKPT_NAME, LATEST_SHARDED, SHARDED_META, load_checkpoint
 from metrics import METRICS_NAME
+from model import GPT, GPTConfig
 
 
 class FaultEnv(Env):
@@ -71,6 +74,12 @@ class FaultEnv(Env):
         (out / LATEST_SHARDED).write_text(folder.name)
         damage(folder)
         return out
+
+
+def nan_checkpoint(env: FaultEnv) -> Path:
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=16)).state_dict()
+    model["layers.0.attn.wqkv.weight"][0, 0] = float("nan")
+    return env.checkpoint(model=model)
 
 
 def truncate_shard(folder: Path) -> None:
@@ -355,6 +364,41 @@ CASES += [
         lambda e: ["export", str(e.checkpoint(model={"x": torch.zeros(1)})), f"{e.tmp}/h"],
         1,
         "does not describe a valid model",
+    ),
+    Case(
+        "convert: export into the run's own folder, --force",
+        "convert",
+        lambda e: ["export", str(e.good()), str(e.good()), "--force"],
+        1,
+        "holds a training run: export into a folder of its own",
+    ),
+    Case(
+        "sample: a weight that is NaN",
+        "sample",
+        lambda e: [f"--out_dir={nan_checkpoint(e)}"],
+        1,
+        "layers.0.attn.wqkv.weight holds NaN or inf: the run diverged, or the checkpoint is damaged",
+    ),
+    *(
+        Case(
+            f"{cli}: a lora entry {entry!r}",
+            cli,
+            lambda e, cli=cli, entry=entry: [
+                *(["export"] if cli == "convert" else []),
+                f"{'' if cli == 'convert' else '--out_dir='}{e.checkpoint(lora=entry)}",
+                *([f"{e.tmp}/h"] if cli == "convert" else []),
+            ],
+            1,
+            "the checkpoint's lora entry is damaged",
+        )
+        for cli, entry in [
+            ("sample", "x"),
+            ("convert", {"rank": 4, "alpha": 8.0, "targets": ("q",), "base_fingerprint": "0"}),  # no dropout
+            (
+                "sample",
+                {"rank": 4, "alpha": math.nan, "dropout": 0.0, "targets": ("q",), "base_fingerprint": "0"},
+            ),
+        ]
     ),
     Case(
         "convert: export into a non-empty folder",
@@ -759,17 +803,41 @@ def test_a_stopped_rank_ends_the_run_with_a_line_naming_it(tmp_path, finished_ru
                 stopped = worker_pid(1, marker)
         assert stopped is not None, "rank 1 never started"
         time.sleep(1)
+        error_file = Path(psutil.Process(worker_pid(0, marker)).environ()["TORCHELASTIC_ERROR_FILE"])
         os.kill(stopped, signal.SIGSTOP)
-        err = run.stderr.readline()
-        while "error:" not in err and err:
-            err = run.stderr.readline()
+        while not error_file.exists() and time.time() < deadline:
+            time.sleep(0.2)  # until rank 0 has seen the stopped rank and reported it
         os.kill(stopped, signal.SIGCONT)  # torchrun ends it now, instead of 30 s later
-        run.wait(timeout=60)
+        report = run.communicate(timeout=60)[1]
     finally:
         run.kill()
-    assert "error: rank 0: a collective waited over collective_timeout_s=3 s for rank 1" in err, err
-    assert run.returncode != 0
-    check_outcome(1, err, 1, "that process is stopped", env)
+    ours = [line for line in report.splitlines() if "error: rank 0: a collective waited" in line]
+    assert len(ours) == 1 and "over collective_timeout_s=3 s for rank 1" in ours[0], report
+    assert run.returncode == 1
+    assert report.index(ours[0]) > report.index("Root Cause (first observed failure)")  # torchrun's report
+    check_outcome(1, ours[0], 1, "that process is stopped", env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flag, ours, line",
+    [("--data_dir=absent", 1, "absent/meta.json not found"), ("--batch_size=0", 2, "batch_size must be")],
+)
+def test_under_torchrun_a_failure_is_our_line_once_as_the_root_cause_of_its_report(
+    tmp_path, flag, ours, line
+):
+    alone = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), flag], cwd=tmp_path, capture_output=True, text=True
+    )
+    command = [*TORCHRUN, str(REPO_ROOT / "train.py"), flag]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == ours and line in alone.stderr
+    assert result.returncode == 1  # torchrun's own, whatever ours (it raises ChildFailedError)
+    ours_in_report = [text for text in result.stderr.splitlines() if line in text]
+    assert len(ours_in_report) == 1 and line not in result.stdout, result.stderr
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0" in root_cause and "traceback : error: " in root_cause and line in root_cause
+    assert "Signal 15 (SIGTERM)" in result.stderr  # rank 1, stopped by torchrun before it reported
 
 
 def worker_pid(rank: int, marker: str) -> int | None:
