@@ -2,6 +2,8 @@
 
     python tests/stress_kill.py --kills 30              # one process
     python tests/stress_kill.py --kills 30 --nproc 2    # torchrun, 2 processes (gloo on CPU)
+    python tests/stress_kill.py --kills 30 --recipe lora   # LoRA adapters on a short text run, saved every 2
+    python tests/stress_kill.py --kills 30 --recipe chat   # a chat set (data/reverse's), saved every 2
 
 Counts corrupt checkpoints (one that does not load after a kill) and failed resumes (a run that
 exits on its own, or prints no "resumed from iter"), both of which must be 0, and ends with a run
@@ -59,6 +61,27 @@ def prepared_data(work: Path) -> Path:
     return work / "data"
 
 
+def recipe_flags(recipe: str, work: Path, args: argparse.Namespace) -> list[str]:
+    """The flags of a recipe's runs, after what it needs is made: lora, a base run (40 iterations of
+    text) to adapt; chat, data/reverse's conversations prepared as a chat set (its --data_dir)."""
+    if recipe == "lora":
+        base = work / "base"
+        subprocess.run(
+            command(args, base, "--max_iters=40", "--eval_interval=40"), check=True, capture_output=True
+        )
+        return [f"--init_from={base}", "--lora_rank=4", "--optimizer=adamw", "--eval_interval=2"]
+    if recipe == "chat":
+        source = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+        reverse, chat = work / "reverse", work / "chat"
+        script = [sys.executable, str(REPO / "data/reverse/prepare.py"), "--input", str(source)]
+        subprocess.run([*script, "--out_dir", str(reverse)], check=True, capture_output=True)
+        script = [sys.executable, str(REPO / "data/chat/prepare.py"), "--input", str(reverse / "train.jsonl")]
+        script += ["--tokenizer", str(reverse / "tokenizer"), "--out_dir", str(chat)]
+        subprocess.run(script, check=True, capture_output=True)
+        return [f"--data_dir={chat}", "--block_size=64", "--eval_interval=2"]
+    return []
+
+
 def logged_iterations(out_dir: Path) -> int:
     path = out_dir / "metrics.jsonl"
     return path.read_text().count('"loss"') if path.is_file() else 0
@@ -71,15 +94,17 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--data_dir", type=Path, default=None, help="a prepared character-level data set")
+    parser.add_argument("--recipe", choices=("text", "lora", "chat"), default="text")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     work = Path(tempfile.mkdtemp(prefix="stress_kill_"))
     args.data_dir = args.data_dir or prepared_data(work)
+    recipe = recipe_flags(args.recipe, work, args)
     out_dir = work / "out"
     corrupt = failed_resumes = 0
     for kill in range(args.kills):
         resume = (out_dir / CKPT_NAME).exists()
-        flags = ["--max_iters=1000000"] + (["--init_from=resume"] if resume else [])
+        flags = [*recipe, "--max_iters=1000000"] + (["--init_from=resume"] if resume else [])
         log = (work / f"run{kill}.log").open("w")
         proc = subprocess.Popen(command(args, out_dir, *flags), stdout=log, stderr=subprocess.STDOUT, env=env)
         before = logged_iterations(out_dir)
@@ -103,10 +128,12 @@ def main() -> None:
             print(f"kill {kill}: CORRUPT: {e}", flush=True)
     final = load_checkpoint(out_dir / CKPT_NAME)["iter_num"] + 3
     finished = subprocess.run(
-        command(args, out_dir, f"--max_iters={final}", "--init_from=resume"), capture_output=True, env=env
+        command(args, out_dir, *recipe, f"--max_iters={final}", "--init_from=resume"),
+        capture_output=True,
+        env=env,
     )
     print(
-        f"{args.kills} kills, {args.nproc} process(es): {corrupt} corrupt checkpoints, "
+        f"{args.recipe}: {args.kills} kills, {args.nproc} process(es): {corrupt} corrupt checkpoints, "
         f"{failed_resumes} failed resumes; final run to iter {final} exited {finished.returncode}; "
         f"stale temp files after it: {len(list(out_dir.glob('*.tmp')))}"
     )
