@@ -21,7 +21,7 @@ import torch
 
 from dataset import SPLITS, ChatRows, Row, get_batch, read_checked_tokens
 from loss_eval import all_reduce_sum, full_val_loss
-from runtime import UserError, print0, world
+from runtime import print0, world
 from train_config import TrainConfig
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # random streams for training micro-steps and for evaluation batches
@@ -120,9 +120,8 @@ class ConversationRows(Batches):
         _, rows, n_learned = self._train_rows
         size = self.cfg.batch_size
         loss_sum = self._loss_sum(model, "train", rows[step * size : (step + 1) * size])
-        return loss_sum * (
-            self.cfg.gradient_accumulation_steps / max(n_learned, 1)
-        )  # no learned token: 0, not NaN
+        # No learned token: 0, not NaN.
+        return loss_sum * (self.cfg.gradient_accumulation_steps / max(n_learned, 1))
 
     def eval_batch_loss(self, model, split, k):
         first = (k % self.cfg.eval_iters) * self.cfg.batch_size
@@ -156,11 +155,8 @@ class ConversationRows(Batches):
 
     def _draw(self, split: str, stream: int, key: int, n_batches: int) -> list[Row]:
         """The conversations of n_batches batches' rows, row r drawn from stream (seed, stream, key, r)."""
-        n_rows = n_batches * self.cfg.batch_size
-        return [
-            self.rows[split].draw(np.random.default_rng([self.cfg.seed, stream, key, r]))
-            for r in range(n_rows)
-        ]
+        chat, n_rows = self.rows[split], n_batches * self.cfg.batch_size
+        return [chat.draw(np.random.default_rng([self.cfg.seed, stream, key, r])) for r in range(n_rows)]
 
     def _eval(self, split: str) -> list[Row]:
         """split's evaluation rows, the same at every evaluation."""
@@ -170,14 +166,8 @@ class ConversationRows(Batches):
 
     def _check_and_describe(self) -> None:
         """Says how many conversations fit a row and how many, longer than block_size + 1 tokens, are left
-        out; refuses a split where none fits."""
+        out (ChatRows refuses a split where none fits)."""
         block_size = self.cfg.block_size
-        for split, rows in self.rows.items():
-            if not len(rows.fitting):
-                raise UserError(
-                    f"no {split} conversation of {self.data_dir} fits a row of block_size {block_size} (a "
-                    f"row holds {block_size + 1} tokens): raise block_size, or prepare shorter conversations"
-                )
         counts = ", ".join(
             f"{split} {len(rows.fitting):,} ({rows.left_out:,} left out)" for split, rows in self.rows.items()
         )

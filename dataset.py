@@ -187,6 +187,11 @@ class ChatRows:
         # A one-token conversation has no target: nothing to learn, and it would take no room in a row.
         self.fitting = np.flatnonzero((lengths >= 2) & (lengths <= block_size + 1))
         self.left_out = int(np.sum(lengths > block_size + 1))
+        if not len(self.fitting):
+            raise UserError(
+                f"no {split} conversation of {data_dir} fits a row of block_size {block_size} (a row holds "
+                f"{block_size + 1} tokens): raise block_size, or prepare shorter conversations"
+            )
 
     def positions(self, conversation: int) -> int:
         return int(self.starts[conversation + 1] - self.starts[conversation]) - 1
