@@ -44,8 +44,6 @@ from timing import (
 )
 
 SHAKESPEARE_CONFIG = Path(__file__).parent / "configs" / "shakespeare_char.py"
-
-
 SHAKESPEARE_VOCAB = 65  # distinct characters in Tiny Shakespeare
 
 
@@ -66,25 +64,6 @@ def to_peer(model: GPT):
     # A tied lm_head has no entry of its own.
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return peer.to(model.lm_head.weight.device)
-
-
-def train_step_fns(
-    model: GPT, peer, preset: Preset, device: torch.device, dtype: torch.dtype
-) -> tuple[Callable, Callable]:
-    """One forward + backward + AdamW step for each model, on the same random batch."""
-    x = random_batch(preset, device)
-    ours, optimizer = our_train_step(model, x, dtype)
-    fused = optimizer.defaults["fused"]  # the same AdamW as ours: the comparison is of the models
-    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-
-    def peer_step() -> None:
-        with autocast(device, dtype):
-            loss = peer(input_ids=x, labels=x).loss  # they shift the labels themselves
-        loss.backward()
-        opt_peer.step()
-        opt_peer.zero_grad(set_to_none=True)
-
-    return ours, peer_step
 
 
 def generate_without_cache(model: GPT, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -108,10 +87,22 @@ def shakespeare_model(out_dir: str | None, device: torch.device) -> GPT:
 def bench_training(
     model: GPT, preset: Preset, device: torch.device, dtype: torch.dtype, peak_flops: float
 ) -> dict:
-    """Training tokens/s, MFU and step peak memory, ours and the peer's."""
+    """Training tokens/s, MFU and step peak memory, ours and the peer's: each model's forward + backward +
+    AdamW step on the same random batch."""
     model.train()
     peer = to_peer(model).train()
-    step_ours, step_peer = train_step_fns(model, peer, preset, device, dtype)
+    x = random_batch(preset, device)
+    step_ours, optimizer = our_train_step(model, x, dtype)
+    fused = optimizer.defaults["fused"]  # the same AdamW as ours: the comparison is of the models
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+
+    def step_peer() -> None:
+        with autocast(device, dtype):
+            loss = peer(input_ids=x, labels=x).loss  # they shift the labels themselves
+        loss.backward()
+        opt_peer.step()
+        opt_peer.zero_grad(set_to_none=True)
+
     # The warm-up step creates AdamW's state.
     dt_ours, dt_peer = median_times([step_ours, step_peer], preset.train_steps, device, warm_up=True)
     tokens = preset.batch_size * preset.seq_len
@@ -200,14 +191,11 @@ def time_generation(
     (ms), ours against the peer's, and whether all three gave the same tokens."""
     outputs = {}
 
-    def ours(compile: bool) -> Callable[[], None]:
-        def run() -> None:
-            with autocast(device, dtype):
-                outputs["compiled" if compile else "eager"] = generate(
-                    model, prompt, preset.new_tokens, temperature=0, compile=compile
-                )
-
-        return run
+    def ours(compile: bool) -> None:
+        with autocast(device, dtype):
+            outputs["compiled" if compile else "eager"] = generate(
+                model, prompt, preset.new_tokens, temperature=0, compile=compile
+            )
 
     def theirs(new_tokens: int) -> torch.Tensor:
         with torch.inference_mode(), autocast(device, dtype):
@@ -225,7 +213,7 @@ def time_generation(
             next(generate_tokens(model, prompt, preset.new_tokens, temperature=0))
 
     dt_compiled, dt_eager, dt_peer = median_times(
-        [ours(compile=True), ours(compile=False), lambda: outputs.update(peer=theirs(preset.new_tokens))],
+        [lambda: ours(True), lambda: ours(False), lambda: outputs.update(peer=theirs(preset.new_tokens))],
         preset.generate_repeats,
         device,
     )
@@ -247,12 +235,9 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torc
     for batch in (1, 8):
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
 
-        def cached(compile: bool) -> Callable[[], None]:
-            def run() -> None:
-                with autocast(device, dtype):
-                    generate(model, prompt, preset.no_cache_tokens, temperature=0, compile=compile)
-
-            return run
+        def cached(compile: bool) -> None:
+            with autocast(device, dtype):
+                generate(model, prompt, preset.no_cache_tokens, temperature=0, compile=compile)
 
         def uncached() -> None:
             with torch.inference_mode(), autocast(device, dtype):
@@ -263,7 +248,7 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torc
                 generate_tokens(model, prompt, preset.no_cache_tokens, temperature=0, compile=True)
             )
         dt_compiled, dt_eager, dt_uncached = median_times(
-            [cached(compile=True), cached(compile=False), uncached], preset.no_cache_repeats, device
+            [lambda: cached(True), lambda: cached(False), uncached], preset.no_cache_repeats, device
         )
         new_tokens = batch * preset.no_cache_tokens
         results[f"kv_cache_tokens_per_s_batch{batch}"] = {
@@ -273,10 +258,8 @@ def bench_kv_cache(model: GPT, preset: Preset, device: torch.device, dtype: torc
         }
         if batch == 1:
             saved_per_token = (dt_eager - dt_compiled) / preset.no_cache_tokens
-            results["compile_s"] = compile_s
-            results["compile_pays_after_tokens"] = (
-                compile_s / saved_per_token if saved_per_token > 0 else None
-            )
+            pays_after = compile_s / saved_per_token if saved_per_token > 0 else None
+            results.update(compile_s=compile_s, compile_pays_after_tokens=pays_after)
     return results
 
 
@@ -326,14 +309,10 @@ def print_generation(r: dict, preset: Preset) -> None:
         bound = r[f"bandwidth_bound_tokens_per_s_batch{batch}"]
         row(f"decode tokens/s batch {batch}, compiled", decode["ours"], decode["peer"])
         row(f"decode tokens/s batch {batch}, eager", decode["ours_eager"], decode["peer"])
-        row(
-            f"  of the bandwidth bound ({bound:,.0f}), compiled",
-            *(100 * decode[k] / bound for k in ("ours", "peer")),
-            fmt="{:.0f}%",
-        )
-        row(
-            f"time to first token batch {batch} (ms)", *pair(r, f"first_token_ms_batch{batch}"), fmt="{:,.1f}"
-        )
+        shares = (100 * decode[k] / bound for k in ("ours", "peer"))
+        row(f"  of the bandwidth bound ({bound:,.0f}), compiled", *shares, fmt="{:.0f}%")
+        first_token = pair(r, f"first_token_ms_batch{batch}")
+        row(f"time to first token batch {batch} (ms)", *first_token, fmt="{:,.1f}")
     same = all(r[f"greedy_tokens_identical_batch{b}"] for b in (1, 8))
     print(
         f"decode: greedy, {preset.prompt_len}-token prompt + {preset.new_tokens}, tokens/s of the whole call"
@@ -387,12 +366,8 @@ def print_ours(r: dict, preset: Preset) -> None:
         ("choice_examples_per_s", r["preset"]),
         ("choice_examples_per_s_shakespeare", "Shakespeare"),
     ):
-        rows = r[key]["row_tokens"]
-        row(
-            f"examples/s, {name} ({rows}-token rows)",
-            *pair(r, key, "batched", "one_at_a_time"),
-            fmt="{:,.1f}",
-        )
+        rows, speeds = r[key]["row_tokens"], pair(r, key, "batched", "one_at_a_time")
+        row(f"examples/s, {name} ({rows}-token rows)", *speeds, fmt="{:,.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ DATA_DIR (rows packed against one conversation per row); --preset, --device, --d
 """
 
 import argparse
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +117,8 @@ def print_lora(results: dict, preset: Preset) -> None:
         ("saved_activation_bytes", "activations saved for backward"),
         ("step_peak_bytes", "step peak above weights and state"),
     ):
-        row(
-            f"{name} (MiB)",
-            *(r[key] / 2**20 if r[key] is not None else None for r in (lora, full)),
-            fmt="{:,.2f}",
-        )
+        mib = (r[key] / 2**20 if r[key] is not None else None for r in (lora, full))
+        row(f"{name} (MiB)", *mib, fmt="{:,.2f}")
 
 
 SPECULATIVE_PROMPT = "ROMEO:\n"  # the README's Shakespeare prompt; any text the model's tokenizer encodes
@@ -163,7 +160,7 @@ def bench_speculative(model_dir: str, draft_dir: str, preset: Preset, device: to
 
 
 def bench_chat_packing(
-    data_dir: Path, shape: dict, block_size: int, batch_size: int, steps: int, device: torch.device,
+    data_dir: str | Path, shape: dict, block_size: int, batch_size: int, steps: int, device: torch.device,
     dtype: torch.dtype = torch.float32,
 ) -> dict:  # fmt: skip
     """Chat rows packed against one conversation per row, on steps batches of data_dir's train split:
@@ -177,16 +174,13 @@ def bench_chat_packing(
     model = GPT(config).to(device)
     (optimizer,) = make_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.type)
 
-    def train_on(batches: list) -> Callable[[], None]:
-        def step() -> None:
-            for x, y, segments in batches:
-                with autocast(device, dtype):
-                    loss = model(x, y, segments=segments, reduction="sum")[1]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        return step
+    def train_on(batches: list) -> None:
+        for x, y, segments in batches:
+            with autocast(device, dtype):
+                loss = model(x, y, segments=segments, reduction="sum")[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     results, fns = {}, []
     for name, packed in (("packed", True), ("one per row", False)):
@@ -199,9 +193,8 @@ def bench_chat_packing(
             "conversations_per_row": sum(map(len, rows)) / len(rows),
             "learned_tokens": chat.learned(rows),
         }
-        fns.append(
-            train_on([chat.batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)])
-        )
+        batches = [chat.batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)]
+        fns.append(partial(train_on, batches))
     for name, seconds in zip(results, median_times(fns, 3, device, warm_up=True)):
         results[name]["learned_tokens_per_s"] = results[name].pop("learned_tokens") / seconds
     return results
@@ -211,9 +204,7 @@ def run_chat_packing(data_dir: str, preset: Preset, device: torch.device, dtype:
     """--chat_packing: bench_chat_packing with the preset's model, rows of its seq_len, and a table."""
     shape = {k: v for k, v in preset.model.items() if k not in ("vocab_size", "block_size")}
     steps = 4 * preset.train_steps  # more rows than the timing needs: the fractions are averages
-    packing = bench_chat_packing(
-        Path(data_dir), shape, preset.seq_len, preset.batch_size, steps, device, dtype
-    )
+    packing = bench_chat_packing(data_dir, shape, preset.seq_len, preset.batch_size, steps, device, dtype)
     print(f"rows of {preset.seq_len} positions  learned  real  conversations/row  learned tokens/s")
     for name, r in packing.items():
         print(

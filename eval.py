@@ -82,10 +82,9 @@ BATCH_SIZE = (lambda v: 1 <= v <= 2**20, "must be between 1 and 2**20")
 def val_tokens(cfg: EvalConfig, checkpoint: dict) -> tuple[Path, np.ndarray]:
     """The val split bpb is computed on, from a data set prepared with the checkpoint's tokenizer."""
     trained_on = checkpoint.get("config") or {}
-    if cfg.data_dir or trained_on.get("data_dir") or trained_on.get("dataset"):
-        data_dir = resolve_data_dir(trained_on.get("dataset"), cfg.data_dir or trained_on.get("data_dir"))
-    else:
+    if not (cfg.data_dir or trained_on.get("data_dir") or trained_on.get("dataset")):
         raise ConfigError("the checkpoint records no data set (an imported model?): pass --data_dir for bpb")
+    data_dir = resolve_data_dir(trained_on.get("dataset"), cfg.data_dir or trained_on.get("data_dir"))
     meta = load_meta(data_dir)
     if tokenizer_entry_from_meta(meta) != checkpoint["tokenizer"]:
         raise UserError(

@@ -82,9 +82,8 @@ def generate_tokens(
     context = torch.empty(B, context_len, dtype=torch.long, device=idx.device)  # tokens at 0..pos-1
     context[:, :pos] = idx[:, -pos:]
     logits, _ = model(context[:, :pos], cache=cache)
-    decode = model
+    decode = compiled_forward(model) if compile else model
     if compile:
-        decode = compiled_forward(model)
         mark_static(cache)
     position = torch.tensor([pos], device=idx.device)  # pos, as the decode step takes it
     for step in range(max_new_tokens):
@@ -100,8 +99,7 @@ def generate_tokens(
             pos = keep
         else:
             context[:, pos] = next_token[:, 0]
-            position.fill_(pos)
-            logits, _ = decode(next_token, cache=cache, pos=position)
+            logits, _ = decode(next_token, cache=cache, pos=position.fill_(pos))
             pos += 1
 
 

@@ -26,8 +26,7 @@ ARCHITECTURES = {  # model_type: the class of each family we convert
     "mistral": "MistralForCausalLM",
 }
 Layout = list[tuple[str, list[tuple[str, tuple[int, ...]]]]]
-# config.json fields that size the model
-SIZE_KEYS = (
+SIZE_KEYS = (  # config.json fields that size the model
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings",
 )  # fmt: skip
@@ -50,9 +49,7 @@ def weight_layout(config: GPTConfig) -> Layout:
         layout.append(("lm_head.weight", [("lm_head.weight", (V, E))]))
     for i in range(config.n_layer):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        qkv = [
-            (hf + f"self_attn.{x}_proj.", rows) for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))
-        ]
+        qkv = [(hf + f"self_attn.{x}_proj.", rows) for x, rows in zip("qkv", (q_rows, kv_rows, kv_rows))]
         layout += [
             (ours + "attn_norm.weight", [(hf + "input_layernorm.weight", (E,))]),
             (ours + "attn.wqkv.weight", [(name + "weight", (rows, E)) for name, rows in qkv]),
@@ -306,10 +303,8 @@ def check_tensors(tensors: dict, config: GPTConfig, family: str) -> None:
             f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
         )
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ConvertError(
-                f"{name} has shape {tuple(tensors[name].shape)}, but config.json implies {shape}"
-            )
+        if (found := tuple(tensors[name].shape)) != shape:
+            raise ConvertError(f"{name} has shape {found}, but config.json implies {shape}")
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's names: its wrapper, then the transformers model's own

@@ -30,16 +30,12 @@ def read_records(path: Path) -> tuple[list[dict], int]:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             record = None
-        if is_record(record):
+        iteration = record.get("iter") if isinstance(record, dict) else None
+        if isinstance(iteration, int) and not isinstance(iteration, bool):
             records.append(record)
         else:  # also valid JSON that is not a record (42, [1], {} without "iter"): damage, not a record
             skipped += line.strip() != b""
     return records, skipped
-
-
-def is_record(value: object) -> bool:
-    iteration = value.get("iter") if isinstance(value, dict) else None
-    return isinstance(iteration, int) and not isinstance(iteration, bool)
 
 
 class MetricsLog:
@@ -75,10 +71,8 @@ class MetricsLog:
                 f.truncate(end)  # no torn line that would swallow the next record
                 raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None},
-                step=record["iter"],
-            )
+            logged = {k: v for k, v in record.items() if k not in ("iter", "elapsed_s") and v is not None}
+            self.wandb_run.log(logged, step=record["iter"])
 
 
 def start_wandb(**init_arguments):

@@ -54,7 +54,7 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # torch's optimizers take a closure; Muon needs none
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
+            lr, momentum, part_rows = group["lr"], group["momentum"], group.get("parts")
             pairs = []  # (a weight, the index of its part, the whole part's update)
             for p in group["params"]:
                 if p.grad is None:
@@ -66,8 +66,7 @@ class Muon(torch.optim.Muon):
                 # Sharded (fsdp): every process gathers the whole update, orthogonalises all of it and
                 # keeps its own rows, since orthogonalising a shard alone is not orthogonalising the matrix.
                 whole = update.full_tensor() if isinstance(update, DTensor) else update
-                rows = group.get("parts") or p.size(0)
-                pairs += [(p, i, part) for i, part in enumerate(whole.split(rows))]
+                pairs += [(p, i, part) for i, part in enumerate(whole.split(part_rows or p.size(0)))]
             orthogonal = {}  # (weight, part index) -> (the part's orthogonal update, its scale)
             for shape in dict.fromkeys(update.shape for _, _, update in pairs):
                 same = [(weight, i, update) for weight, i, update in pairs if update.shape == shape]
@@ -76,15 +75,13 @@ class Muon(torch.optim.Muon):
                 for (weight, i, _), update in zip(same, batch):
                     orthogonal[weight, i] = (update.to(weight.dtype), max(1, shape[0] / shape[1]) ** 0.5)
             for weight in dict.fromkeys(weight for weight, _, _ in pairs):
-                parts = [orthogonal[weight, i] for i in range(len(group.get("parts") or [0]))]
+                parts = [orthogonal[weight, i] for i in range(len(part_rows or [0]))]
                 if isinstance(weight, DTensor):  # this process's rows of the whole step: no communication
                     step = torch.cat([update * scale for update, scale in parts])
                     local = distribute_tensor(step, weight.device_mesh, weight.placements, src_data_rank=None)
                     weight.add_(local, alpha=-lr)
                 else:  # each part's rows in place: the arithmetic the README's figures were measured with
-                    for rows, (update, scale) in zip(
-                        weight.split(group.get("parts") or weight.size(0)), parts
-                    ):
+                    for rows, (update, scale) in zip(weight.split(part_rows or weight.size(0)), parts):
                         rows.add_(update, alpha=-lr * scale)
 
 

@@ -7,8 +7,8 @@ glance, against iterations or, with --x time, against the wall time since each r
 Needs matplotlib (pip install matplotlib).
 """
 
-import argparse
 import sys
+from argparse import ArgumentParser, Namespace, RawDescriptionHelpFormatter
 from pathlib import Path
 
 from metrics import metrics_path, read_records
@@ -39,10 +39,8 @@ SINGLE_RUN_STYLES = [
 ]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv: list[str] | None) -> Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="training runs' out_dirs")
     parser.add_argument("--x", choices=["iter", "time"], default="iter", help="iterations or wall time")
     parser.add_argument("--out", default=None, help="the PNG to write (default: FIRST_OUT_DIR/loss.png)")

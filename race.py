@@ -11,12 +11,12 @@ them. Alternating spreads a drift in the machine's speed over every recipe alike
 run meanwhile.
 """
 
-import argparse
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from pathlib import Path
 
 from metrics import metrics_path, read_records
@@ -43,9 +43,7 @@ def run_recipe(args: list[str], out_dir: Path) -> tuple[float, float]:
 
 
 def race(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="+", help="train.py's arguments for one recipe, quoted")
     parser.add_argument("--names", nargs="+", help="one short name per recipe (default r0, r1, ...)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each recipe, alternated")

@@ -61,12 +61,10 @@ class Draft:
         tokens, dists = [], []
         for i in range(k):
             dist = probabilities(logits[0, -1:], *sampling)  # (1, vocab), or None for greedy
-            token = logits[0, -1].argmax() if dist is None else torch.multinomial(dist[0], 1)[0]
-            dist = None if dist is None else dist[0]
-            tokens.append(token)
-            dists.append(dist)
+            tokens.append(logits[0, -1].argmax() if dist is None else torch.multinomial(dist[0], 1)[0])
+            dists.append(None if dist is None else dist[0])
             if i < k - 1:
-                logits = self.step(token.view(1, 1), cache=self.cache, pos=position.fill_(pos + i))[0]
+                logits = self.step(tokens[-1].view(1, 1), cache=self.cache, pos=position.fill_(pos + i))[0]
         self.fed = pos + k - 1
         return [int(t) for t in tokens], dists
 

@@ -113,14 +113,6 @@ def peak_matmul_size(preset: Preset, device: torch.device) -> int:
     return max(preset.matmul_size, CUDA_MATMUL_SIZE) if device.type == "cuda" else preset.matmul_size
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS since the last reset (VmHWM): no library reads it after a reset."""
-    line = next(
-        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
-    )
-    return int(line.split()[1]) * 1024
-
-
 def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
     """Bytes a training step needs at its peak beyond what was allocated before it: activations,
     gradients, temporaries. CPU: peak RSS over RSS before (Linux with glibc only, else None)."""
@@ -139,7 +131,9 @@ def step_peak_memory(step: Callable[[], None], device: torch.device) -> int | No
         return None
     before = psutil.Process().memory_info().rss
     step()
-    return peak_rss_bytes() - before
+    status = Path("/proc/self/status").read_text().splitlines()  # no library reads VmHWM after a reset
+    peak_kib = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+    return int(peak_kib) * 1024 - before
 
 
 def our_train_step(model: GPT, x: torch.Tensor, dtype: torch.dtype) -> tuple[Callable, torch.optim.AdamW]:
@@ -173,11 +167,9 @@ def row(name: str, *values: float | None, fmt: str = "{:,.0f}") -> None:
     print(f"{name:<44}{cells} {ratio:>9}")
 
 
-def bench_arguments(description: str) -> argparse.ArgumentParser:
+def bench_arguments(doc: str) -> argparse.ArgumentParser:
     """The flags every benchmark takes: the preset, the device and dtype, and a JSON file."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="small")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
     parser.add_argument(

@@ -254,8 +254,7 @@ def save_and_stop(run: Run, stop_signal: int, loss_sum: torch.Tensor | None) -> 
     save(run)
     print0(
         f"stopped by {signal.Signals(stop_signal).name} at iter {run.iter_num}: saved a checkpoint in "
-        f"{run.cfg.out_dir}; continue with: "
-        f"python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
+        f"{run.cfg.out_dir}; continue with: python train.py --out_dir={run.cfg.out_dir} --init_from=resume"
     )
     return 128 + stop_signal  # the run did not finish
 
@@ -439,10 +438,9 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    shape = {k: getattr(cfg, k) for k in SHAPE_KEYS}
     try:
-        return GPTConfig(
-            vocab_size=vocab_size, dropout=cfg.dropout, **{k: getattr(cfg, k) for k in SHAPE_KEYS}
-        )
+        return GPTConfig(vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     except ValueError as e:
         raise ConfigError(f"bad model shape: {e}") from None
 

@@ -92,8 +92,7 @@ class TrainConfig:
     collective_timeout_s: float = 600
 
 
-# TrainConfig keys that are also GPTConfig fields: the model's shape and options.
-SHAPE_KEYS = (
+SHAPE_KEYS = (  # TrainConfig keys that are also GPTConfig fields: the model's shape and options
     *("block_size", "n_layer", "n_head", "n_kv_head", "n_embd"),
     *("head_dim", "qk_norm", "attn_bias", "rope_scaling", "sliding_window", "tie_embeddings"),
 )

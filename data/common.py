@@ -6,6 +6,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,6 @@ def dtype_for_vocab(vocab_size: int) -> str:
     raise DataError(f"vocabulary of {vocab_size:,} tokens does not fit in uint32 token files")
 
 
-def write_meta(data_dir: PathLike, meta: dict) -> None:
-    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    atomic_write(Path(data_dir) / META_NAME, lambda f: f.write(text.encode("utf-8")))
-
-
 class TokenSetWriter:
     """Appends token ids to train.bin and val.bin under temporary names; commit() publishes them.
     With chat=True also each split's loss mask and conversation starts (see dataset.py).
@@ -52,18 +48,14 @@ class TokenSetWriter:
         self._files = {}
         self._committed = False
 
-    def _paths(self) -> list[tuple[Path, Path]]:
-        """(temporary, final) path of every file the set consists of."""
-        finals = [token_file(self.out_dir, split, kind) for split in SPLITS for kind in self.kinds]
-        return [(final.with_suffix(".bin.tmp"), final) for final in finals]
+    def _paths(self) -> dict[tuple[str, str], tuple[Path, Path]]:
+        """(temporary, final) path of every file the set consists of, by (split, kind)."""
+        finals = {key: token_file(self.out_dir, *key) for key in product(SPLITS, self.kinds)}
+        return {key: (final.with_suffix(".bin.tmp"), final) for key, final in finals.items()}
 
     def __enter__(self) -> "TokenSetWriter":
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._files = {
-            (split, kind): open(token_file(self.out_dir, split, kind).with_suffix(".bin.tmp"), "wb")
-            for split in SPLITS
-            for kind in self.kinds
-        }
+        self._files = {key: open(tmp, "wb") for key, (tmp, _) in self._paths().items()}
         if "starts" in self.kinds:  # the first conversation starts at 0
             for split in SPLITS:
                 self._files[split, "starts"].write(np.zeros(1, dtype=np.int64).tobytes())
@@ -91,15 +83,13 @@ class TokenSetWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        meta = {
-            **meta,
-            "dtype": self.dtypes["tokens"],
-            **{f"{split}_tokens": count for split, count in self.token_counts.items()},
-        }
+        counts = {f"{split}_tokens": count for split, count in self.token_counts.items()}
+        meta = {**meta, "dtype": self.dtypes["tokens"], **counts}
         (self.out_dir / META_NAME).unlink(missing_ok=True)  # from here on the old set reads as incomplete
-        for tmp, final in self._paths():
+        for tmp, final in self._paths().values():
             os.replace(tmp, final)
-        write_meta(self.out_dir, meta)
+        text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+        atomic_write(self.out_dir / META_NAME, lambda f: f.write(text.encode("utf-8")))
         self._committed = True
         return meta
 
@@ -107,11 +97,13 @@ class TokenSetWriter:
         for f in self._files.values():
             f.close()
         if not self._committed:
-            for tmp, _ in self._paths():
+            for tmp, _ in self._paths().values():
                 tmp.unlink(missing_ok=True)
 
 
-def add_text_input_args(parser: argparse.ArgumentParser, default_out_dir: Path) -> None:
+def text_parser(doc: str, default_out_dir: Path) -> argparse.ArgumentParser:
+    """A text prepare script's parser: its docstring as the help, and --input, --out_dir and --url."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, help="local text file to use instead of downloading one")
     parser.add_argument(
         "--out_dir",
@@ -122,6 +114,7 @@ def add_text_input_args(parser: argparse.ArgumentParser, default_out_dir: Path) 
     parser.add_argument(
         "--url", default=SHAKESPEARE_URL, help="where to download the text if there is no local copy"
     )
+    return parser
 
 
 def download(

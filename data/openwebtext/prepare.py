@@ -14,10 +14,10 @@ default, spread over the whole corpus); the rest go to train.bin, both in corpus
 depends only on the input, not on --num_proc, and memory stays bounded however large the corpus.
 """
 
-import argparse
 import json
 import os
 import sys
+from argparse import ArgumentParser, Namespace, RawDescriptionHelpFormatter
 from collections import deque
 from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
@@ -87,11 +87,6 @@ def count_in_file(path: Path) -> int | None:
     return None  # .jsonl: counting would mean reading the file twice
 
 
-def read_files(paths: list[Path]) -> Documents:
-    counts = [count_in_file(p) for p in paths]
-    return texts_of_files(paths), None if None in counts else sum(counts)
-
-
 def texts_of_files(paths: list[Path]) -> Iterator[str]:
     readers = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
     for path in paths:
@@ -144,17 +139,16 @@ def open_corpus(source: Path | None, num_proc: int) -> Documents:
                 raise DataError(f"{source} holds splits {list(dataset)}, none named 'train'")
             dataset = dataset["train"]
         return read_dataset(dataset)
-    paths = (
-        sorted(p for p in source.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
-        if source.is_dir()
-        else [source]
-    )
+    paths = [source]
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
     if not paths or paths[0].suffix not in FILE_TYPES:
         raise DataError(
             f"--input {source}: expected a {'/'.join(FILE_TYPES)} file, a folder of them, "
             "or a folder written by datasets' save_to_disk"
         )
-    return read_files(paths)
+    counts = [count_in_file(p) for p in paths]
+    return texts_of_files(paths), None if None in counts else sum(counts)
 
 
 # --- tokenising in parallel -------------------------------------------------------------------
@@ -217,10 +211,8 @@ def encode_in_order(
             yield pending.popleft().get()
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args() -> Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, help="local corpus (see above); default: download from the hub")
     parser.add_argument(
         "--out_dir",
@@ -249,6 +241,7 @@ def main() -> None:
     dtype = dtype_for_vocab(enc.n_vocab)
     texts, n_total = open_corpus(args.input, args.num_proc)
     n_docs = {"train": 0, "val": 0}
+    meta = dict(tokenizer="tiktoken", encoding=ENCODING, eot_token=enc.eot_token, vocab_size=enc.n_vocab)
     with (
         TokenSetWriter(args.out_dir, dtype) as writer,
         tqdm(total=n_total, unit="doc", desc="tokenising") as progress,
@@ -263,14 +256,7 @@ def main() -> None:
             progress.update(n_train + n_val)
         if n_docs["train"] + n_docs["val"] == 0:
             raise DataError(f"no documents with text found in {args.input or HF_DATASET}")
-        meta = writer.commit(
-            {
-                "tokenizer": "tiktoken",
-                "encoding": ENCODING,
-                "eot_token": enc.eot_token,
-                "vocab_size": enc.n_vocab,
-            }
-        )
+        meta = writer.commit(meta)
     print(
         f"train {n_docs['train']:,} documents, {meta['train_tokens']:,} tokens; "
         f"val {n_docs['val']:,} documents, "

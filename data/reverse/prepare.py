@@ -11,7 +11,6 @@ then the recipe in docs/chat.md: pretrain on text/, data/chat/prepare.py on trai
 eval.py --tasks=data/reverse/test.jsonl.
 """
 
-import argparse
 import json
 import random
 import string
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import TokenSetWriter, add_text_input_args, dtype_for_vocab, read_input_text, split_text
+from data.common import TokenSetWriter, dtype_for_vocab, read_input_text, split_text, text_parser
 from runtime import exit_on_error
 from tokenizer import get_tokenizer
 
@@ -70,10 +69,7 @@ def save_tokenizer(text: str, vocab_size: int, folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_text_input_args(parser, default_out_dir=Path(__file__).resolve().parent)
+    parser = text_parser(__doc__, default_out_dir=Path(__file__).resolve().parent)
     parser.add_argument("--vocab_size", type=int, default=512)
     parser.add_argument("--train", type=int, default=20000, help="training conversations")
     parser.add_argument("--test", type=int, default=200, help="held-out conversations")

@@ -5,19 +5,11 @@ that model on it.
 python data/shakespeare/prepare.py [--input PATH] [--out_dir DIR] [--tokenizer DIR]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import (
-    DataError,
-    TokenSetWriter,
-    add_text_input_args,
-    dtype_for_vocab,
-    read_input_text,
-    split_text,
-)
+from data.common import DataError, TokenSetWriter, dtype_for_vocab, read_input_text, split_text, text_parser
 from runtime import exit_on_error
 from tokenizer import get_tokenizer, load_tiktoken
 
@@ -25,10 +17,7 @@ ENCODING = "gpt2"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_text_input_args(parser, default_out_dir=Path(__file__).resolve().parent)
+    parser = text_parser(__doc__, default_out_dir=Path(__file__).resolve().parent)
     parser.add_argument(
         "--tokenizer",
         type=Path,
@@ -47,14 +36,8 @@ def main() -> None:
         encode, meta = tokenizer.encode, {**entry, "vocab_size": tokenizer.vocab_size}
     else:
         enc = load_tiktoken(ENCODING)
-        # encode_ordinary: a literal "<|endoftext|>" in the text is text, not the special token
-        encode = enc.encode_ordinary
-        meta = {
-            "tokenizer": "tiktoken",
-            "encoding": ENCODING,
-            "eot_token": enc.eot_token,
-            "vocab_size": enc.n_vocab,
-        }
+        encode = enc.encode_ordinary  # a literal "<|endoftext|>" in the text is text, not the special token
+        meta = dict(tokenizer="tiktoken", encoding=ENCODING, eot_token=enc.eot_token, vocab_size=enc.n_vocab)
     try:
         train_ids, val_ids = encode(train_text), encode(val_text)
     except ValueError as e:  # a character-level vocabulary lacks some of the text's characters

@@ -3,20 +3,16 @@
 python data/shakespeare_char/prepare.py [--input PATH] [--out_dir DIR]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, from any working dir
-from data.common import TokenSetWriter, add_text_input_args, dtype_for_vocab, read_input_text, split_text
+from data.common import TokenSetWriter, dtype_for_vocab, read_input_text, split_text, text_parser
 from runtime import exit_on_error
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_text_input_args(parser, default_out_dir=Path(__file__).resolve().parent)
+    parser = text_parser(__doc__, default_out_dir=Path(__file__).resolve().parent)
     args = parser.parse_args()
 
     text = read_input_text(args)
